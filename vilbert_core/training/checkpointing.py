@@ -1,0 +1,138 @@
+"""Atomic training checkpoints and the random-number state that makes a resumed run exact.
+
+A checkpoint is a folder `RUNDIR/checkpoints/step-N/` with the model (save_pretrained: config.json +
+model.safetensors) and `trainer_state.pt` (optimiser, scheduler, grad scaler, step, data position,
+RNG states, best metric). It is written under a temporary name and renamed in one step, so a killed
+run never leaves a half-written `step-N`. Loading uses torch.load(weights_only=True) only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng_state(extra_generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG a training step draws from (python, numpy, torch CPU/CUDA, named generators)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        # numpy's state as plain values: weights_only loading admits no numpy objects
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (extra_generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(
+    state: dict[str, Any], extra_generators: dict[str, torch.Generator] | None = None
+) -> None:
+    """Put back what capture_rng_state() recorded."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (extra_generators or {}).items():
+        if name in state["generators"]:
+            gen.set_state(state["generators"][name])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel (or compiled) wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: nn.Module,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    protect: Path | None = None,
+) -> Path:
+    """Write checkpoints/step-N atomically, then prune to the newest `keep` (never `protect`)."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".step-{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unwrap(model).save_pretrained(tmp)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    if keep > 0:
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            if protect is None or old.resolve() != Path(protect).resolve():
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint folders (with trainer_state.pt), oldest step first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Read trainer_state.pt of a checkpoint folder (weights_only: tensors and plain containers only)."""
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: not a training checkpoint (no {STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk so that the rename that follows is durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,71 @@
+"""Masking for ViLBERT pretraining: masked language modelling and masked region modelling.
+
+Text (BERT): each real, non-special token is picked with probability 0.15; of the picked ones 80%
+become [MASK], 10% a random token, 10% stay unchanged. Regions: each real region other than the
+global [IMG] region 0 is picked with probability 0.15; of the picked ones 90% have their feature
+zeroed and 10% keep it. Labels are -100 wherever nothing is predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_token_ids: Iterable[int],
+    generator: torch.Generator | None = None,
+    mask_prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (masked input_ids, MLM labels): labels hold the original id at picked positions, else -100."""
+    # input_ids, attention_mask: (..., T)
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for tok in special_token_ids:
+        special |= input_ids == tok
+    candidates = attention_mask.bool() & ~special
+
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    picked = (draw < mask_prob) & candidates
+    labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+    # One second uniform draw splits the picked tokens 80 / 10 / 10.
+    action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    to_mask = picked & (action < 0.8)
+    to_random = picked & (action >= 0.8) & (action < 0.9)
+    random_ids = torch.randint(
+        vocab_size, input_ids.shape, generator=generator, device=input_ids.device, dtype=input_ids.dtype
+    )
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def mask_regions(
+    image_feat: torch.Tensor,
+    image_mask: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    mask_prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (image_feat with 90% of picked regions zeroed, region labels: 1 where picked, else -100)."""
+    # image_feat: (B, R, D); image_mask: (B, R); region 0 is the global [IMG] region
+    shape = image_mask.shape
+    candidates = image_mask.bool().clone()
+    candidates[..., 0] = False
+
+    draw = torch.rand(shape, generator=generator, device=image_feat.device)
+    picked = (draw < mask_prob) & candidates
+    action = torch.rand(shape, generator=generator, device=image_feat.device)
+    zeroed = picked & (action < 0.9)
+
+    masked_feat = image_feat.masked_fill(zeroed.unsqueeze(-1), 0.0)
+    labels = torch.where(picked, torch.ones(shape, dtype=torch.long, device=image_feat.device), IGNORE_INDEX)
+    return masked_feat, labels
