@@ -1,0 +1,156 @@
+"""Explicit name mapping from the reference ViLBERT checkpoints (and Hugging Face BERT) to this project's model.
+
+The reference (vilbert-multi-task / vilbert_beta) names are listed in ../shared/reference/vilbert_keys_*.txt.
+Every reference tensor either maps to exactly one of our parameters by a rule in `_RULES`, or is
+skipped with a reason from `_SKIPS`. The two-way alignment head becomes one logit: softmax index 0
+("aligned") of [z0, z1] equals sigmoid(z0 - z1), so w = W[0] - W[1], b = b[0] - b[1].
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+
+def _layer_rules(ref_stream: str, our_stream: str) -> list[tuple[str, str]]:
+    """Rules for one stream's transformer layers (reference BertLayer / BertImageLayer layout)."""
+    p = rf"bert\.encoder\.{ref_stream}\.(\d+)\."
+    q = rf"vilbert.{our_stream}.\1."
+    return [
+        (p + r"attention\.self\.(query|key|value)\.(weight|bias)", q + r"attention.\2.\3"),
+        (p + r"attention\.output\.dense\.(weight|bias)", q + r"attention.output.\2"),
+        (p + r"attention\.output\.LayerNorm\.(weight|bias)", q + r"attention.layer_norm.\2"),
+        (p + r"intermediate\.dense\.(weight|bias)", q + r"ffn.intermediate.\2"),
+        (p + r"output\.dense\.(weight|bias)", q + r"ffn.output.\2"),
+        (p + r"output\.LayerNorm\.(weight|bias)", q + r"ffn.layer_norm.\2"),
+    ]
+
+
+_CO = r"bert\.encoder\.c_layer\.(\d+)\."
+_CO_OURS = r"vilbert.co_layers.\1."
+
+# (reference name regex, our name template); each regex is matched against the whole name.
+_RULES: list[tuple[str, str]] = [
+    # text embeddings (identical to BERT's)
+    (r"bert\.embeddings\.(word|position|token_type)_embeddings\.weight", r"vilbert.embeddings.\1_embeddings.weight"),
+    (r"bert\.embeddings\.LayerNorm\.(weight|bias)", r"vilbert.embeddings.layer_norm.\1"),
+    # region embeddings
+    (r"bert\.v_embeddings\.image_embeddings\.(weight|bias)", r"vilbert.image_embeddings.feature_proj.\1"),
+    (r"bert\.v_embeddings\.image_location_embeddings\.(weight|bias)", r"vilbert.image_embeddings.location_proj.\1"),
+    (r"bert\.v_embeddings\.LayerNorm\.(weight|bias)", r"vilbert.image_embeddings.layer_norm.\1"),
+    *_layer_rules("layer", "text_layers"),
+    *_layer_rules("v_layer", "visual_layers"),
+    # co-attention: 1 = visual stream, 2 = text stream in the reference
+    (_CO + r"biattention\.(query|key|value)1\.(weight|bias)", _CO_OURS + r"co_attention.v_\2.\3"),
+    (_CO + r"biattention\.(query|key|value)2\.(weight|bias)", _CO_OURS + r"co_attention.t_\2.\3"),
+    (_CO + r"biOutput\.dense1\.(weight|bias)", _CO_OURS + r"co_attention.v_output.\2"),
+    (_CO + r"biOutput\.LayerNorm1\.(weight|bias)", _CO_OURS + r"co_attention.v_layer_norm.\2"),
+    (_CO + r"biOutput\.dense2\.(weight|bias)", _CO_OURS + r"co_attention.t_output.\2"),
+    (_CO + r"biOutput\.LayerNorm2\.(weight|bias)", _CO_OURS + r"co_attention.t_layer_norm.\2"),
+    (_CO + r"(v|t)_intermediate\.dense\.(weight|bias)", _CO_OURS + r"\2_ffn.intermediate.\3"),
+    (_CO + r"(v|t)_output\.dense\.(weight|bias)", _CO_OURS + r"\2_ffn.output.\3"),
+    (_CO + r"(v|t)_output\.LayerNorm\.(weight|bias)", _CO_OURS + r"\2_ffn.layer_norm.\3"),
+    # poolers
+    (r"bert\.t_pooler\.dense\.(weight|bias)", r"vilbert.text_pooler.dense.\1"),
+    (r"bert\.v_pooler\.dense\.(weight|bias)", r"vilbert.visual_pooler.dense.\1"),
+    # pretraining heads
+    (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm_head.transform.dense.\1"),
+    (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm_head.transform.layer_norm.\1"),
+    (r"cls\.predictions\.decoder\.weight", r"mlm_head.decoder.weight"),
+    (r"cls\.predictions\.(?:decoder\.)?bias", r"mlm_head.decoder.bias"),
+    (r"cls\.imagePredictions\.transform\.dense\.(weight|bias)", r"mrm_head.transform.dense.\1"),
+    (r"cls\.imagePredictions\.transform\.LayerNorm\.(weight|bias)", r"mrm_head.transform.layer_norm.\1"),
+    (r"cls\.imagePredictions\.decoder\.(weight|bias)", r"mrm_head.decoder.\1"),
+    (r"cls\.bi_seq_relationship\.(weight|bias)", r"align_head.\1"),
+    # multi-task heads kept by ViLBERTForTasks
+    (r"vil_prediction\.logit_fc\.0\.(weight|bias)", r"vqa_head.dense.\1"),
+    (r"vil_prediction\.logit_fc\.2\.(weight|bias)", r"vqa_head.layer_norm.\1"),
+    (r"vil_prediction\.logit_fc\.3\.(weight|bias)", r"vqa_head.classifier.\1"),
+    (r"vil_logit\.(weight|bias)", r"pair_head.\1"),
+    (r"vision_logit\.(weight|bias)", r"region_head.\1"),
+]
+_COMPILED = [(re.compile(pattern), template) for pattern, template in _RULES]
+
+# (reference name regex, reason it is dropped)
+_SKIPS: list[tuple[str, str]] = [
+    (r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.(weight|bias)", "unused by the reference forward pass"),
+    (r"bert\.embeddings\.task_embeddings\.weight", "task-token embeddings of the multi-task model"),
+    (r"vil_prediction_gqa\..*", "GQA head of the multi-task model"),
+    (r"vil_binary_prediction\..*", "NLVR2 head of the multi-task model"),
+    (r"vil_tri_prediction\..*", "visual entailment head of the multi-task model"),
+    (r"linguisic_logit\..*", "text-only head of the multi-task model"),
+    (r"bert\.embeddings\.position_ids", "buffer, recomputed by the model"),
+]
+_COMPILED_SKIPS = [(re.compile(pattern), reason) for pattern, reason in _SKIPS]
+
+# tensors whose value changes shape on the way in
+_ALIGN_KEYS = {"cls.bi_seq_relationship.weight", "cls.bi_seq_relationship.bias"}
+
+# the prefixes of our own state dict: a checkpoint using them was written by save_pretrained
+PROJECT_PREFIXES = ("vilbert.", "mlm_head.", "mrm_head.", "align_head.", "vqa_head.", "pair_head.", "region_head.")
+
+
+def normalize_reference_name(name: str) -> str:
+    """Strip a DataParallel `module.` prefix and turn old LayerNorm gamma/beta into weight/bias."""
+    if name.startswith("module."):
+        name = name[len("module.") :]
+    if name.endswith(".gamma"):
+        name = name[: -len("gamma")] + "weight"
+    elif name.endswith(".beta"):
+        name = name[: -len("beta")] + "bias"
+    return name
+
+
+def reference_to_project(name: str) -> tuple[str | None, str]:
+    """Map one (normalized) reference name to (our name, "") or (None, reason it is skipped)."""
+    for pattern, template in _COMPILED:
+        match = pattern.fullmatch(name)
+        if match:
+            return match.expand(template), ""
+    for pattern, reason in _COMPILED_SKIPS:
+        if pattern.fullmatch(name):
+            return None, reason
+    return None, "no mapping rule for this name"
+
+
+def is_project_state_dict(state: dict[str, Tensor]) -> bool:
+    """True when the names are this project's own (written by save_pretrained)."""
+    return any(name.startswith("vilbert.") for name in state)
+
+
+def convert_reference_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Rename a reference state dict to our names; returns (converted tensors, skipped name -> reason)."""
+    converted: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
+    for raw_name, tensor in state.items():
+        name = normalize_reference_name(raw_name)
+        ours, reason = reference_to_project(name)
+        if ours is None:
+            skipped[raw_name] = reason
+            continue
+        if name in _ALIGN_KEYS:
+            if tensor.shape[0] != 2:
+                raise ValueError(f"{raw_name} has shape {tuple(tensor.shape)}; expected 2 rows (aligned, not aligned)")
+            tensor = (tensor[0] - tensor[1]).unsqueeze(0)  # (1,bi) weight or (1,) bias
+        converted[ours] = tensor
+    return converted, skipped
+
+
+def convert_bert_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Rename a Hugging Face BERT state dict (BertModel or BertForPreTraining) to our text-stream names."""
+    names = [normalize_reference_name(n) for n in state]
+    # BertModel.save_pretrained writes names without the "bert." prefix
+    bare = not any(n.startswith("bert.") for n in names)
+    converted: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
+    for raw_name, name in zip(state, names, strict=True):
+        if bare and name.startswith(("embeddings.", "encoder.", "pooler.")):
+            name = "bert." + name
+        keep = name.startswith(("bert.embeddings.", "bert.encoder.layer.", "cls.predictions."))
+        ours, reason = reference_to_project(name) if keep else (None, "not part of the text stream or MLM head")
+        if ours is None:
+            skipped[raw_name] = reason
+        else:
+            converted[ours] = state[raw_name]
+    return converted, skipped

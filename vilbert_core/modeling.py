@@ -1,0 +1,811 @@
+"""ViLBERT (Lu et al., NeurIPS 2019): a text stream (BERT) and a visual stream joined by co-attention.
+
+Read top to bottom: attention core, embeddings, transformer layers, the co-attention layer, the two-stream
+backbone, heads, then the two public models (`ViLBERTForPretraining`, `ViLBERTForTasks`) with
+`save_pretrained` / `from_pretrained`, and `init_text_from_bert`.
+
+Shapes: B batch, T text tokens, R regions (region 0 is the global [IMG] region), D region feature size,
+H heads. Masks given to the model are 1 for real tokens/regions and 0 for padding; internally they become
+additive biases in the attention's dtype so that padded keys get exactly zero weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ViLBERTConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+REFERENCE_WEIGHTS_NAME = "pytorch_model.bin"
+
+_ACT2FN = {
+    "gelu": nn.GELU(),  # exact erf GELU, as the reference and BERT use
+    "gelu_new": nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU(),
+    "swish": nn.SiLU(),
+}
+
+
+# ----------------------------------------------------------------------------- attention core
+def attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_keep: Tensor,
+    *,
+    dropout_p: float = 0.0,
+    implementation: str = "sdpa",
+    need_probs: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention softmax(q k^T / sqrt(d) + mask) v; returns (context, probs or None)."""
+    # query (B,H,Tq,d), key/value (B,H,Tk,d), key_keep (B,1,1,Tk) bool -> context (B,H,Tq,d)
+    # The bias is built in the query's dtype (bf16 under autocast) with that dtype's finite minimum:
+    # padded keys get weight exp(-huge) = 0 exactly, and an all-padding row stays finite instead of NaN.
+    bias = torch.zeros(key_keep.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill(~key_keep, torch.finfo(query.dtype).min)
+    if implementation == "sdpa" and not need_probs:
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
+        return context, None
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.size(-1)) + bias
+    probs = scores.softmax(dim=-1)
+    context = torch.matmul(F.dropout(probs, p=dropout_p), value)
+    return context, probs
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B,S,H*d) -> (B,H,S,d)."""
+    b, s, w = x.shape
+    return x.view(b, s, heads, w // heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B,H,S,d) -> (B,S,H*d)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+def _keep_mask(mask: Tensor) -> Tensor:
+    """(B,S) 1/0 mask of any dtype -> (B,1,1,S) bool, broadcast over heads and queries."""
+    return (mask != 0)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- embeddings
+class ViLBERTTextEmbeddings(nn.Module):
+    """BERT embeddings: word + position + token type, LayerNorm, dropout."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        """(B,T) ids -> (B,T,hidden)."""
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.layer_norm(x))
+
+
+class ViLBERTImageEmbeddings(nn.Module):
+    """Region embeddings: Linear(feature) + Linear(5-d box), summed, LayerNorm, dropout."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.feature_proj = nn.Linear(config.v_feature_size, config.v_hidden_size)
+        self.location_proj = nn.Linear(5, config.v_hidden_size)
+        self.layer_norm = nn.LayerNorm(config.v_hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.v_hidden_dropout_prob)
+
+    def forward(self, image_feat: Tensor, image_loc: Tensor) -> Tensor:
+        """(B,R,D) features and (B,R,5) boxes -> (B,R,v_hidden)."""
+        x = self.feature_proj(image_feat) + self.location_proj(image_loc)
+        return self.dropout(self.layer_norm(x))
+
+
+# ----------------------------------------------------------------------------- transformer layers
+@dataclass(frozen=True)
+class _StreamDims:
+    """Widths and dropouts of one stream, so text and visual layers share one implementation."""
+
+    width: int
+    heads: int
+    intermediate: int
+    act: str
+    hidden_dropout: float
+    attn_dropout: float
+
+    @classmethod
+    def of(cls, config: ViLBERTConfig, visual: bool) -> _StreamDims:
+        """Dimensions of the visual stream (visual=True) or the text stream."""
+        if visual:
+            return cls(
+                config.v_hidden_size,
+                config.v_num_attention_heads,
+                config.v_intermediate_size,
+                config.v_hidden_act,
+                config.v_hidden_dropout_prob,
+                config.v_attention_probs_dropout_prob,
+            )
+        return cls(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.hidden_act,
+            config.hidden_dropout_prob,
+            config.attention_probs_dropout_prob,
+        )
+
+
+class ViLBERTSelfAttention(nn.Module):
+    """Self-attention block of one stream: attention, output projection, residual, LayerNorm."""
+
+    def __init__(self, config: ViLBERTConfig, dims: _StreamDims) -> None:
+        super().__init__()
+        self.config = config  # shared, so that attn_implementation can be switched on a built model
+        self.heads = dims.heads
+        self.attn_dropout = dims.attn_dropout
+        self.query = nn.Linear(dims.width, dims.width)
+        self.key = nn.Linear(dims.width, dims.width)
+        self.value = nn.Linear(dims.width, dims.width)
+        self.output = nn.Linear(dims.width, dims.width)
+        self.layer_norm = nn.LayerNorm(dims.width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(dims.hidden_dropout)
+
+    def forward(self, hidden: Tensor, keep: Tensor) -> Tensor:
+        """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W)."""
+        q = _split_heads(self.query(hidden), self.heads)
+        k = _split_heads(self.key(hidden), self.heads)
+        v = _split_heads(self.value(hidden), self.heads)
+        context, _ = attend(
+            q,
+            k,
+            v,
+            keep,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            implementation=self.config.attn_implementation,
+        )
+        return self.layer_norm(hidden + self.dropout(self.output(_merge_heads(context))))
+
+
+class ViLBERTFeedForward(nn.Module):
+    """Feed-forward block: Linear, activation, Linear, dropout, residual, LayerNorm."""
+
+    def __init__(self, config: ViLBERTConfig, dims: _StreamDims) -> None:
+        super().__init__()
+        self.intermediate = nn.Linear(dims.width, dims.intermediate)
+        self.act = _ACT2FN[dims.act]
+        self.output = nn.Linear(dims.intermediate, dims.width)
+        self.layer_norm = nn.LayerNorm(dims.width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(dims.hidden_dropout)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(B,S,W) -> (B,S,W)."""
+        return self.layer_norm(hidden + self.dropout(self.output(self.act(self.intermediate(hidden)))))
+
+
+class ViLBERTLayer(nn.Module):
+    """One transformer layer of a single stream (a BERT layer, in the stream's own width)."""
+
+    def __init__(self, config: ViLBERTConfig, visual: bool) -> None:
+        super().__init__()
+        dims = _StreamDims.of(config, visual)
+        self.attention = ViLBERTSelfAttention(config, dims)
+        self.ffn = ViLBERTFeedForward(config, dims)
+
+    def forward(self, hidden: Tensor, keep: Tensor) -> Tensor:
+        """(B,S,W) -> (B,S,W)."""
+        return self.ffn(self.attention(hidden, keep))
+
+
+# ----------------------------------------------------------------------------- co-attention
+class ViLBERTCoAttention(nn.Module):
+    """Co-attention: text queries attend over regions, region queries over text, in bi_hidden width."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        bi, v, t = config.bi_hidden_size, config.v_hidden_size, config.hidden_size
+        self.heads = config.bi_num_attention_heads
+        self.attn_dropout = config.attention_probs_dropout_prob
+        # projections of the visual stream (reference: query1/key1/value1)
+        self.v_query = nn.Linear(v, bi)
+        self.v_key = nn.Linear(v, bi)
+        self.v_value = nn.Linear(v, bi)
+        # projections of the text stream (reference: query2/key2/value2)
+        self.t_query = nn.Linear(t, bi)
+        self.t_key = nn.Linear(t, bi)
+        self.t_value = nn.Linear(t, bi)
+        # back to each stream's native width, residual, LayerNorm
+        self.v_output = nn.Linear(bi, v)
+        self.v_layer_norm = nn.LayerNorm(v, eps=config.layer_norm_eps)
+        self.v_dropout = nn.Dropout(config.v_hidden_dropout_prob)
+        self.t_output = nn.Linear(bi, t)
+        self.t_layer_norm = nn.LayerNorm(t, eps=config.layer_norm_eps)
+        self.t_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, image: Tensor, image_keep: Tensor, text: Tensor, text_keep: Tensor, output_attentions: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus (text->image, image->text) probs if asked."""
+        h = self.heads
+        p = self.attn_dropout if self.training else 0.0
+        impl = self.config.attn_implementation
+        v_q, v_k, v_v = (_split_heads(f(image), h) for f in (self.v_query, self.v_key, self.v_value))  # (B,H,R,d)
+        t_q, t_k, t_v = (_split_heads(f(text), h) for f in (self.t_query, self.t_key, self.t_value))  # (B,H,T,d)
+        # text queries over regions (padded regions masked) -> (B,H,T,d); probs (B,H,T,R)
+        t_ctx, t2i = attend(t_q, v_k, v_v, image_keep, dropout_p=p, implementation=impl, need_probs=output_attentions)
+        # region queries over text (padded tokens masked) -> (B,H,R,d); probs (B,H,R,T)
+        v_ctx, i2t = attend(v_q, t_k, t_v, text_keep, dropout_p=p, implementation=impl, need_probs=output_attentions)
+        image = self.v_layer_norm(image + self.v_dropout(self.v_output(_merge_heads(v_ctx))))
+        text = self.t_layer_norm(text + self.t_dropout(self.t_output(_merge_heads(t_ctx))))
+        probs = (t2i, i2t) if output_attentions else None
+        return image, text, probs
+
+
+class ViLBERTCoLayer(nn.Module):
+    """One co-TRM: co-attention, then each stream's own feed-forward block."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.co_attention = ViLBERTCoAttention(config)
+        self.v_ffn = ViLBERTFeedForward(config, _StreamDims.of(config, visual=True))
+        self.t_ffn = ViLBERTFeedForward(config, _StreamDims.of(config, visual=False))
+
+    def forward(
+        self, image: Tensor, image_keep: Tensor, text: Tensor, text_keep: Tensor, output_attentions: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus co-attention probs if asked."""
+        image, text, probs = self.co_attention(image, image_keep, text, text_keep, output_attentions)
+        return self.v_ffn(image), self.t_ffn(text), probs
+
+
+class ViLBERTPooler(nn.Module):
+    """Linear + ReLU on the first position ([CLS] token or [IMG] region)."""
+
+    def __init__(self, in_width: int, out_width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, out_width)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(B,S,W) -> (B,out_width)."""
+        return F.relu(self.dense(hidden[:, 0]))
+
+
+# ----------------------------------------------------------------------------- outputs
+@dataclass(kw_only=True)
+class ViLBERTModelOutput:
+    """Final states of both streams and the fused pooled vector."""
+
+    text_hidden: Tensor  # (B,T,hidden)
+    visual_hidden: Tensor  # (B,R,v_hidden)
+    pooled: Tensor  # (B,bi_hidden) fused text pooled * visual pooled (or sum)
+    text_pooled: Tensor  # (B,bi_hidden)
+    visual_pooled: Tensor  # (B,bi_hidden)
+    # one (text->image (B,H,T,R), image->text (B,H,R,T)) pair per co-attention layer, if asked
+    co_attentions: list[tuple[Tensor, Tensor]] | None = None
+
+
+@dataclass(kw_only=True)
+class ViLBERTPretrainingOutput(ViLBERTModelOutput):
+    """Backbone outputs plus the pretraining heads' logits."""
+
+    mlm_logits: Tensor  # (B,T,vocab)
+    mrm_logits: Tensor  # (B,R,v_target_size)
+    align_logit: Tensor  # (B,) log-odds that text and image match
+
+
+@dataclass(kw_only=True)
+class ViLBERTTaskOutput(ViLBERTModelOutput):
+    """Backbone outputs plus the task heads' logits."""
+
+    vqa_logits: Tensor  # (B,num_answers)
+    pair_logit: Tensor  # (B,) one score per image-text pair (VCR, retrieval)
+    region_logits: Tensor  # (B,R) referring expressions; padded regions get -10000
+
+
+# ----------------------------------------------------------------------------- backbone
+def _check_inputs(
+    config: ViLBERTConfig,
+    input_ids: Tensor,
+    image_feat: Tensor,
+    image_loc: Tensor,
+    token_type_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    image_mask: Tensor | None,
+) -> None:
+    """Raise ValueError naming the input whose shape is wrong."""
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}; "
+            "flatten a candidate dimension (B,C,T) to (B*C,T) before calling the model"
+        )
+    b, t = input_ids.shape
+    if t > config.max_position_embeddings:
+        raise ValueError(f"input_ids has {t} tokens, more than max_position_embeddings={config.max_position_embeddings}")
+    if image_feat.dim() != 3 or image_feat.size(0) != b or image_feat.size(-1) != config.v_feature_size:
+        raise ValueError(
+            f"image_feat must be (batch={b}, regions, v_feature_size={config.v_feature_size}), "
+            f"got shape {tuple(image_feat.shape)}"
+        )
+    r = image_feat.size(1)
+    expected = {
+        "image_loc": (image_loc, (b, r, 5)),
+        "token_type_ids": (token_type_ids, (b, t)),
+        "attention_mask": (attention_mask, (b, t)),
+        "image_mask": (image_mask, (b, r)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+class ViLBERTModel(nn.Module):
+    """Two-stream backbone: embeddings, text/visual layers interleaved with co-attention, poolers."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = ViLBERTTextEmbeddings(config)
+        self.image_embeddings = ViLBERTImageEmbeddings(config)
+        self.text_layers = nn.ModuleList(ViLBERTLayer(config, visual=False) for _ in range(config.num_hidden_layers))
+        self.visual_layers = nn.ModuleList(ViLBERTLayer(config, visual=True) for _ in range(config.v_num_hidden_layers))
+        self.co_layers = nn.ModuleList(ViLBERTCoLayer(config) for _ in range(config.num_co_layers))
+        self.text_pooler = ViLBERTPooler(config.hidden_size, config.bi_hidden_size)
+        self.visual_pooler = ViLBERTPooler(config.v_hidden_size, config.bi_hidden_size)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_feat: Tensor,
+        image_loc: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> ViLBERTModelOutput:
+        """Run both streams; masks are 1 for real tokens/regions (default: all real)."""
+        _check_inputs(self.config, input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_mask is None:
+            image_mask = torch.ones(image_feat.shape[:2], dtype=torch.long, device=image_feat.device)
+        text_keep, image_keep = _keep_mask(attention_mask), _keep_mask(image_mask)
+
+        text = self.embeddings(input_ids, token_type_ids)  # (B,T,hidden)
+        image = self.image_embeddings(image_feat.to(text.dtype), image_loc.to(text.dtype))  # (B,R,v_hidden)
+        co_attentions: list[tuple[Tensor, Tensor]] = []
+        t_start = v_start = 0
+        # Co-attention layer k follows text layer t_biattention_id[k]-1 and visual layer v_biattention_id[k]-1.
+        for k, (v_end, t_end) in enumerate(zip(self.config.v_biattention_id, self.config.t_biattention_id, strict=True)):
+            for layer in self.text_layers[t_start:t_end]:
+                text = layer(text, text_keep)
+            for layer in self.visual_layers[v_start:v_end]:
+                image = layer(image, image_keep)
+            if self.config.with_coattention:
+                image, text, probs = self.co_layers[k](image, image_keep, text, text_keep, output_attentions)
+                if probs is not None:
+                    co_attentions.append(probs)
+            t_start, v_start = t_end, v_end
+        for layer in self.visual_layers[v_start:]:
+            image = layer(image, image_keep)
+        for layer in self.text_layers[t_start:]:
+            text = layer(text, text_keep)
+
+        text_pooled = self.text_pooler(text)  # (B,bi_hidden) from [CLS]
+        visual_pooled = self.visual_pooler(image)  # (B,bi_hidden) from [IMG]
+        if self.config.fusion_method == "sum":
+            pooled = text_pooled + visual_pooled
+        else:
+            pooled = text_pooled * visual_pooled
+        return ViLBERTModelOutput(
+            text_hidden=text,
+            visual_hidden=image,
+            pooled=pooled,
+            text_pooled=text_pooled,
+            visual_pooled=visual_pooled,
+            co_attentions=co_attentions if output_attentions else None,
+        )
+
+
+# ----------------------------------------------------------------------------- heads
+class ViLBERTPredictionTransform(nn.Module):
+    """dense + activation + LayerNorm before a token or region classifier."""
+
+    def __init__(self, width: int, act: str, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = _ACT2FN[act]
+        self.layer_norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(B,S,W) -> (B,S,W)."""
+        return self.layer_norm(self.act(self.dense(hidden)))
+
+
+class ViLBERTMLMHead(nn.Module):
+    """Masked language modelling: transform, then a decoder tied to the word embeddings (own bias)."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.transform = ViLBERTPredictionTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, text_hidden: Tensor) -> Tensor:
+        """(B,T,hidden) -> (B,T,vocab)."""
+        return self.decoder(self.transform(text_hidden))
+
+
+class ViLBERTMRMHead(nn.Module):
+    """Masked region modelling: transform, then Linear to the detector's classes."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.transform = ViLBERTPredictionTransform(config.v_hidden_size, config.v_hidden_act, config.layer_norm_eps)
+        self.decoder = nn.Linear(config.v_hidden_size, config.v_target_size)
+
+    def forward(self, visual_hidden: Tensor) -> Tensor:
+        """(B,R,v_hidden) -> (B,R,v_target_size)."""
+        return self.decoder(self.transform(visual_hidden))
+
+
+class ViLBERTVQAHead(nn.Module):
+    """VQA classifier: Linear(bi -> 2 bi), GELU, LayerNorm, Linear(-> num_answers)."""
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        width = 2 * config.bi_hidden_size
+        self.dense = nn.Linear(config.bi_hidden_size, width)
+        self.act = nn.GELU()
+        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(width, config.num_answers)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """(B,bi_hidden) -> (B,num_answers)."""
+        return self.classifier(self.layer_norm(self.act(self.dense(pooled))))
+
+
+# ----------------------------------------------------------------------------- loading report
+@dataclass
+class LoadReport:
+    """What from_pretrained / init_text_from_bert did with each tensor."""
+
+    source: str
+    source_format: str  # "project", "reference" or "bert"
+    loaded: list[str] = field(default_factory=list)  # our parameter names that received a tensor
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint name -> why it was not used
+    fresh: list[str] = field(default_factory=list)  # our parameters left at their initial values
+
+    def summary(self) -> str:
+        """One line per category, for logs."""
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.source_format} format)"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} checkpoint tensors:")
+            lines += [f"  {k}: {why}" for k, why in sorted(self.skipped.items())]
+        if self.fresh:
+            lines.append(f"{len(self.fresh)} parameters start fresh (not in the checkpoint): " + ", ".join(self.fresh))
+        return "\n".join(lines)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Load tensors from a .safetensors file or a torch state dict (weights_only=True)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler's message names the offending global; keep it
+        raise ValueError(f"checkpoint {path} could not be read as a plain torch state dict: {err}") from err
+    # some training scripts wrap the state dict; unwrap the common containers
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a state dict of tensors")
+    return state
+
+
+# ----------------------------------------------------------------------------- public models
+class ViLBERTPreTrainedModel(nn.Module):
+    """Shared weight init, attention switch, save_pretrained and from_pretrained."""
+
+    # parameters of this class's own heads: they may start fresh when a checkpoint lacks them
+    _head_prefixes: tuple[str, ...] = ()
+    # our name -> name of the parameter it is tied to
+    _tied_weights: dict[str, str] = {}
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vilbert = ViLBERTModel(config)
+
+    def post_init(self) -> None:
+        """Initialise every weight as the reference does, then tie shared weights."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) for Linear/Embedding, zero biases, unit LayerNorm."""
+        if isinstance(module, nn.Linear | nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def tie_weights(self) -> None:
+        """Make tied parameters the same Parameter object (none in the base class)."""
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        """Switch every attention layer between "sdpa" and "eager" (plain matmul-softmax)."""
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {implementation!r}")
+        self.config.attn_implementation = implementation
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied ones counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write config.json and model.safetensors (tied copies dropped) atomically into directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            name: tensor.detach().cpu().contiguous()
+            for name, tensor in self.state_dict().items()
+            if name not in self._tied_weights
+        }
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "model_class": type(self).__name__})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        self.config.to_json_file(directory / CONFIG_NAME)
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        config: ViLBERTConfig | None = None,
+        *,
+        num_answers: int | None = None,
+        output_loading_info: bool = False,
+        **config_overrides: Any,
+    ) -> Any:
+        """Load a save_pretrained directory, a model.safetensors file or a reference pytorch_model.bin.
+
+        config: used as is when given; otherwise config.json beside the weights (project or reference
+        format); a reference checkpoint without one gets the paper preset. num_answers and other keyword
+        arguments override config fields. Returns the model in eval mode, or (model, LoadReport) when
+        output_loading_info is true.
+        """
+        from .convert import convert_reference_state_dict, is_project_state_dict
+
+        weights, config_file = _resolve_checkpoint(Path(path))
+        if config is None:
+            if config_file.is_file():
+                config = ViLBERTConfig.from_json_file(config_file)
+            elif weights.suffix == ".safetensors":
+                raise FileNotFoundError(f"{config_file} is missing; pass config= or restore the saved config.json")
+            else:
+                logger.warning("no config.json beside %s; using the paper preset 'vilbert-base'", weights)
+                config = ViLBERTConfig.preset("vilbert-base")
+        overrides = dict(config_overrides)
+        if num_answers is not None:
+            overrides["num_answers"] = num_answers
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        else:
+            config = dataclasses.replace(config)  # never share a caller's config object with the model
+
+        model = cls(config)
+        raw = _read_state_dict(weights)
+        if is_project_state_dict(raw):
+            state, skipped, fmt = dict(raw), {}, "project"
+        else:
+            state, skipped = convert_reference_state_dict(raw)
+            fmt = "reference"
+        report = model._load_mapped(state, skipped, source=str(weights), source_format=fmt)
+        if report.skipped:
+            logger.warning("%s", report.summary())
+        elif report.fresh:
+            logger.warning("task heads start fresh: %s", ", ".join(report.fresh))
+        model.eval()
+        return (model, report) if output_loading_info else model
+
+    def _load_mapped(
+        self, state: dict[str, Tensor], skipped: dict[str, str], *, source: str, source_format: str
+    ) -> LoadReport:
+        """Copy tensors already named as our parameters; raise on missing or mis-shaped ones."""
+        own = self.state_dict()
+        report = LoadReport(source=source, source_format=source_format, skipped=dict(skipped))
+        mismatched = []
+        usable: dict[str, Tensor] = {}
+        for name, tensor in state.items():
+            if name not in own:
+                report.skipped[name] = f"not a parameter of {type(self).__name__}"
+            elif name in self._tied_weights:
+                report.skipped[name] = f"tied to {self._tied_weights[name]}"
+            elif tuple(tensor.shape) != tuple(own[name].shape):
+                mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+            else:
+                usable[name] = tensor
+        missing = [n for n in own if n not in usable and n not in self._tied_weights]
+        fresh = [n for n in missing if n.startswith(self._head_prefixes)]
+        absent = [n for n in missing if n not in fresh]
+        if mismatched or absent:
+            problems = []
+            if mismatched:
+                problems.append(f"{len(mismatched)} tensors with the wrong shape: " + "; ".join(mismatched))
+            if absent:
+                problems.append(f"{len(absent)} parameters missing from the checkpoint: " + ", ".join(absent))
+            raise ValueError(f"cannot load {source} into {type(self).__name__}: " + " | ".join(problems))
+        with torch.no_grad():
+            for name, tensor in usable.items():
+                own[name].copy_(tensor)
+        report.loaded = sorted(usable)
+        report.fresh = fresh
+        return report
+
+
+class ViLBERTForPretraining(ViLBERTPreTrainedModel):
+    """ViLBERT with the pretraining heads: masked language, masked region, and alignment."""
+
+    _head_prefixes = ("mlm_head.", "mrm_head.", "align_head.")
+    _tied_weights = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__(config)
+        self.mlm_head = ViLBERTMLMHead(config)
+        self.mrm_head = ViLBERTMRMHead(config)
+        self.align_head = nn.Linear(config.bi_hidden_size, 1)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.post_init()
+
+    def tie_weights(self) -> None:
+        """Share the MLM decoder weight with the word embeddings."""
+        self.mlm_head.decoder.weight = self.vilbert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_feat: Tensor,
+        image_loc: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> ViLBERTPretrainingOutput:
+        """Backbone plus MLM (B,T,vocab), MRM (B,R,v_target) and alignment (B,) logits."""
+        base = self.vilbert(
+            input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, output_attentions
+        )
+        return ViLBERTPretrainingOutput(
+            **_fields(base),
+            mlm_logits=self.mlm_head(base.text_hidden),
+            mrm_logits=self.mrm_head(base.visual_hidden),
+            align_logit=self.align_head(self.dropout(base.pooled)).squeeze(-1),
+        )
+
+
+class ViLBERTForTasks(ViLBERTPreTrainedModel):
+    """ViLBERT with the fine-tuning heads: VQA classifier, pair score (VCR, retrieval), region score."""
+
+    _head_prefixes = ("vqa_head.", "pair_head.", "region_head.")
+
+    def __init__(self, config: ViLBERTConfig) -> None:
+        super().__init__(config)
+        self.vqa_head = ViLBERTVQAHead(config)
+        self.pair_head = nn.Linear(config.bi_hidden_size, 1)
+        self.region_head = nn.Linear(config.v_hidden_size, 1)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.post_init()
+
+    @property
+    def num_answers(self) -> int:
+        """Size of the VQA answer vocabulary."""
+        return self.config.num_answers
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_feat: Tensor,
+        image_loc: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> ViLBERTTaskOutput:
+        """Backbone plus VQA (B,A), pair (B,) and per-region (B,R) logits."""
+        base = self.vilbert(
+            input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, output_attentions
+        )
+        pooled = self.dropout(base.pooled)
+        region_logits = self.region_head(self.dropout(base.visual_hidden)).squeeze(-1)  # (B,R)
+        if image_mask is not None:
+            # padded regions can never be the answer; -10000 as in the reference keeps BCE finite
+            region_logits = region_logits.masked_fill(image_mask == 0, -10000.0)
+        return ViLBERTTaskOutput(
+            **_fields(base),
+            vqa_logits=self.vqa_head(pooled),
+            pair_logit=self.pair_head(pooled).squeeze(-1),
+            region_logits=region_logits,
+        )
+
+
+def _fields(output: ViLBERTModelOutput) -> dict[str, Any]:
+    """Shallow field dict of a backbone output (dataclasses.asdict would deep-copy the tensors)."""
+    return {f.name: getattr(output, f.name) for f in dataclasses.fields(ViLBERTModelOutput)}
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(weights file, config.json path) for a directory or a weights file."""
+    if path.is_dir():
+        for name in (WEIGHTS_NAME, REFERENCE_WEIGHTS_NAME):
+            if (path / name).is_file():
+                return path / name, path / CONFIG_NAME
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {REFERENCE_WEIGHTS_NAME}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path, path.parent / CONFIG_NAME
+
+
+# ----------------------------------------------------------------------------- BERT initialisation
+def init_text_from_bert(model: ViLBERTPreTrainedModel, hf_bert_dir: str | os.PathLike[str]) -> LoadReport:
+    """Copy a Hugging Face BERT folder's embeddings, layers (and MLM head) into the text stream, as the paper does."""
+    from .convert import convert_bert_state_dict
+
+    directory = Path(hf_bert_dir)
+    weights = next(
+        (directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None
+    )
+    if weights is None:
+        raise FileNotFoundError(f"BERT folder {directory} holds neither model.safetensors nor pytorch_model.bin")
+    state, skipped = convert_bert_state_dict(_read_state_dict(weights))
+    own = model.state_dict()
+    report = LoadReport(source=str(weights), source_format="bert", skipped=skipped)
+    problems = []
+    usable: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name not in own and name.startswith("mlm_head."):
+            report.skipped[name] = f"{type(model).__name__} has no MLM head"
+        elif name not in own:
+            problems.append(f"{name} (BERT has more layers than the model)")
+        elif name in model._tied_weights:
+            report.skipped[name] = f"tied to {model._tied_weights[name]}"
+        elif tuple(tensor.shape) != tuple(own[name].shape):
+            problems.append(f"{name}: BERT {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+        else:
+            usable[name] = tensor
+    text_stream = ("vilbert.embeddings.", "vilbert.text_layers.")
+    missing = [n for n in own if n.startswith(text_stream) and n not in usable]
+    if missing:
+        problems.append("text-stream parameters absent from BERT: " + ", ".join(missing))
+    if problems:
+        raise ValueError(f"cannot initialise the text stream from {weights}: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in usable.items():
+            own[name].copy_(tensor)
+    report.loaded = sorted(usable)
+    return report
