@@ -1,0 +1,92 @@
+"""Shared types of the annotation readers and the dispatcher that picks a reader per task."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("captions", "vqa", "vcr", "refcoco", "retrieval")
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file; the message names the file and the first bad record."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """How an annotation names its image: a file name or relative path, and/or a numeric (COCO) id."""
+
+    path: str | None = None
+    numeric_id: int | None = None
+
+    def __str__(self) -> str:
+        """Readable form for reports."""
+        if self.path is not None:
+            return self.path
+        return f"id:{self.numeric_id}"
+
+
+@dataclass
+class Annotation:
+    """One task record and the image it belongs to."""
+
+    ref: ImageRef
+    record: dict[str, Any]
+    # Per-image side information that is not part of ann.json (VCR metadata file, RefCOCO image size).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_json(path: Path) -> Any:
+    """Parse a JSON file, failing with an `AnnotationError` that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise AnnotationError(f"{path}: annotation file not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def bad(path: Path, where: str, problem: str) -> AnnotationError:
+    """Build the error for the first bad record of a file."""
+    return AnnotationError(f"{path}: {where}: {problem}")
+
+
+def require(path: Path, where: str, record: Any, keys: Sequence[str]) -> None:
+    """Check that `record` is a dict with every key in `keys`."""
+    if not isinstance(record, dict):
+        raise bad(path, where, f"expected an object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise bad(path, where, f"missing field(s) {', '.join(missing)}")
+
+
+def read_task_annotations(
+    task: str, files: Sequence[str | Path], split: str, images_dir: str | Path | None = None
+) -> list[Annotation]:
+    """Read the annotation files of one task and split into `Annotation`s (format picked from each file)."""
+    from pipelines.annotations import captions, karpathy, refer, vcr, vqa
+
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise AnnotationError(f"task {task!r}: no annotation files given")
+    if task == "captions":
+        out: list[Annotation] = []
+        for p in paths:
+            out.extend(captions.read_captions(p))
+        return out
+    if task == "vqa":
+        return vqa.read_vqa(paths)
+    if task == "vcr":
+        return vcr.read_vcr(paths, images_dir)
+    if task == "refcoco":
+        return refer.read_refer(paths, split)
+    if task == "retrieval":
+        out = []
+        for p in paths:
+            out.extend(karpathy.read_karpathy(p, split))
+        return out
+    raise AnnotationError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")

@@ -1,0 +1,497 @@
+"""Training datasets over task shards: one IterableDataset for every task, and padded batches.
+
+`TaskDataset` streams task shards (docs/contracts.md section 3) and yields padded batches (section 4):
+
+* shards come from a TASKDIR, a list of paths, a brace pattern (`task-{000000..000009}.tar`) or URLs
+  (anything `webdataset.gopen` opens: local, http(s), `pipe:`);
+* shards are split by node (torch.distributed rank/world size, else RANK/WORLD_SIZE) and then by
+  DataLoader worker: disjoint and, together, complete;
+* for multi-rank runs, `resampled=True` draws shards with replacement and every rank yields exactly
+  `steps` batches per epoch, so DDP ranks never wait on each other;
+* each image sample expands into the task's examples (a caption, a question, a sentence, two VCR
+  stages), which pass through a seeded shuffle buffer and are batched inside the worker.
+
+Regions: the global [IMG] region first (mean of all the image's region features, spatial
+[0, 0, 1, 1, 1], zero class target), then at most `max_regions` detected regions in file order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.tokenization import TextTokenizer
+
+GLOBAL_SPATIAL = np.array([0.0, 0.0, 1.0, 1.0, 1.0], np.float32)
+NUM_CLASSES = 1601
+RETRIEVAL_CANDIDATES = 4
+BATCH_TASK_NAMES = {"captions": "pretrain"}  # the batch contract calls captions batches "pretrain"
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def expand_urls(urls_or_dir: str | Path | Sequence[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Shard URLs (sorted within each TASKDIR) and the `task.json` of every TASKDIR given."""
+    import braceexpand
+
+    items = [urls_or_dir] if isinstance(urls_or_dir, str | Path) else list(urls_or_dir)
+    urls: list[str] = []
+    infos: list[dict[str, Any]] = []
+    for item in items:
+        text = str(item)
+        path = Path(text)
+        if "://" not in text and not text.startswith("pipe:") and path.is_dir():
+            info_path = path / "task.json"
+            if not info_path.is_file():
+                raise FileNotFoundError(
+                    f"{path}: no task.json; is this a TASKDIR written by `vilbert-data shard`?"
+                )
+            info = json.loads(info_path.read_text())
+            info["_dir"] = str(path)
+            infos.append(info)
+            shards = [str(path / s) for s in info.get("shards", [])] or sorted(
+                map(str, path.glob("task-*.tar"))
+            )
+            urls.extend(shards)
+        else:
+            urls.extend(braceexpand.braceexpand(text))
+    if not urls:
+        raise ValueError(f"no task shards found in {urls_or_dir!r}")
+    return urls, infos
+
+
+def node_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker, (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """Shards of one (rank, worker): by rank first, then by worker; disjoint and complete over all pairs."""
+    return list(urls)[rank::world][worker::workers]
+
+
+def batches_for_worker(steps: int, worker: int, workers: int) -> int:
+    """This worker's share of `steps` batches, so the workers of a rank yield exactly `steps` in total."""
+    return steps // workers + (1 if worker < steps % workers else 0)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """Decode .npy bytes without pickles."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class Regions:
+    """One image's model-ready regions, [IMG] first: feat (R,D), loc (R,5), target (R,1601) float32."""
+
+    feat: np.ndarray
+    loc: np.ndarray
+    target: np.ndarray
+    num_detected: int  # detected regions kept (after any VCR ground-truth regions)
+
+
+def build_regions(sample: dict[str, bytes], max_regions: int, with_gt: bool = False) -> Regions:
+    """Regions of a task sample: global region + up to `max_regions` (ground-truth boxes first for VCR)."""
+    feats = [_npy(sample["features.npy"])]
+    locs = [_npy(sample["spatial.npy"])]
+    probs = [_npy(sample["cls_prob.npy"])]
+    if with_gt and "gt_features.npy" in sample:
+        feats.insert(0, _npy(sample["gt_features.npy"]))
+        locs.insert(0, _npy(sample["gt_spatial.npy"]))
+        probs.insert(0, _npy(sample["gt_cls_prob.npy"]))
+    feat = np.concatenate(feats) if len(feats) > 1 else feats[0]  # (K,D)
+    loc = np.concatenate(locs) if len(locs) > 1 else locs[0]  # (K,5)
+    prob = np.concatenate(probs) if len(probs) > 1 else probs[0]  # (K,1601)
+    k = min(feat.shape[0], max_regions)
+    d = feat.shape[1]
+    out_feat = np.empty((k + 1, d), np.float32)
+    out_feat[0] = feat.mean(axis=0, dtype=np.float32) if feat.shape[0] else 0.0  # mean over ALL regions
+    out_feat[1:] = feat[:k]
+    out_loc = np.empty((k + 1, 5), np.float32)
+    out_loc[0] = GLOBAL_SPATIAL
+    out_loc[1:] = loc[:k]
+    out_prob = np.zeros((k + 1, prob.shape[1] if prob.ndim == 2 else NUM_CLASSES), np.float32)
+    out_prob[1:] = prob[:k]
+    return Regions(out_feat, out_loc, out_prob, k)
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+def _pad_text(rows: Sequence[tuple[list[int], list[int]]], length: int) -> tuple[np.ndarray, ...]:
+    """(ids, segments, mask) int64 arrays (N,length) for a list of encoded texts."""
+    ids = np.zeros((len(rows), length), np.int64)
+    seg = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, (tok, typ) in enumerate(rows):
+        ids[i, : len(tok)] = tok
+        seg[i, : len(typ)] = typ
+        mask[i, : len(tok)] = 1
+    return ids, seg, mask
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Pad a list of examples into the batch dict of docs/contracts.md section 4."""
+    first = examples[0]
+    b = len(examples)
+    # Text: every example holds a list of C encoded texts (C = 1, or 4 for VCR / retrieval).
+    c = len(first["texts"])
+    t = max(len(ids) for ex in examples for ids, _ in ex["texts"])
+    ids, seg, mask = _pad_text([tt for ex in examples for tt in ex["texts"]], t)
+    if pad_id:
+        ids[mask == 0] = pad_id
+    shape = (b, t) if c == 1 and not first.get("multi_choice") else (b, c, t)
+    batch: dict[str, Any] = {
+        "input_ids": torch.from_numpy(ids.reshape(shape)),
+        "token_type_ids": torch.from_numpy(seg.reshape(shape)),
+        "attention_mask": torch.from_numpy(mask.reshape(shape)),
+    }
+    # Images: each example holds a list of Regions (1, or C for retrieval).
+    regions = [r for ex in examples for r in ex["regions"]]
+    n_img = len(first["regions"])
+    r_max = max(r.feat.shape[0] for r in regions)
+    d = first["regions"][0].feat.shape[1]
+    n_cls = first["regions"][0].target.shape[1]
+    feat = np.zeros((len(regions), r_max, d), np.float32)
+    loc = np.zeros((len(regions), r_max, 5), np.float32)
+    target = np.zeros((len(regions), r_max, n_cls), np.float32)
+    img_mask = np.zeros((len(regions), r_max), np.int64)
+    for i, r in enumerate(regions):
+        n = r.feat.shape[0]
+        feat[i, :n], loc[i, :n], target[i, :n], img_mask[i, :n] = r.feat, r.loc, r.target, 1
+    lead = (b, n_img) if n_img > 1 else (b,)
+    batch["image_feat"] = torch.from_numpy(feat.reshape(*lead, r_max, d))
+    batch["image_loc"] = torch.from_numpy(loc.reshape(*lead, r_max, 5))
+    batch["image_mask"] = torch.from_numpy(img_mask.reshape(*lead, r_max))
+    batch["image_target"] = torch.from_numpy(target.reshape(*lead, r_max, n_cls))
+    batch["image_id"] = [ex["image_id"] for ex in examples]
+    task = first["task"]
+    if task == "captions":
+        batch["align_label"] = torch.tensor([ex["align_label"] for ex in examples], dtype=torch.float32)
+    elif task == "vqa":
+        batch["vqa_target"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples]))
+        batch["question_id"] = torch.tensor([ex["question_id"] for ex in examples], dtype=torch.long)
+        batch["answers"] = [ex["answers"] for ex in examples]
+        batch["answer_type"] = [ex["answer_type"] for ex in examples]
+    elif task in ("vcr", "retrieval"):
+        batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
+        if task == "vcr":
+            batch["vcr_stage"] = [ex["vcr_stage"] for ex in examples]
+            batch["annot_id"] = [ex["annot_id"] for ex in examples]
+    elif task == "refcoco":
+        iou = np.zeros((b, r_max), np.float32)
+        for i, ex in enumerate(examples):
+            iou[i, : len(ex["region_iou"])] = ex["region_iou"]
+        batch["region_iou"] = torch.from_numpy(iou)
+        batch["region_target"] = torch.from_numpy(np.where(iou >= 0.5, iou, 0.0).astype(np.float32))
+        batch["gt_box"] = torch.tensor([ex["gt_box"] for ex in examples], dtype=torch.float32)
+        batch["ref_id"] = [ex["ref_id"] for ex in examples]
+    return batch
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+class TaskDataset(IterableDataset):
+    """Padded batches (or single examples when `batch_size` is None) of one task from task shards."""
+
+    def __init__(
+        self,
+        urls_or_dir: str | Path | Sequence[str | Path],
+        task: str,
+        tokenizer: TextTokenizer | str | Path,
+        batch_size: int | None = 32,
+        max_text_len: int = 36,
+        max_regions: int = 36,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resampled: bool = False,
+        steps: int | None = None,
+        num_answers: int | None = None,
+        feature_dim: int | None = None,
+        negative_buffer: int = 256,
+        drop_last: bool = False,
+    ) -> None:
+        from pipelines.annotations.common import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if resampled and not steps:
+            raise ValueError("resampled shards need steps (batches per rank per epoch)")
+        self.urls, infos = expand_urls(urls_or_dir)
+        self.task = task
+        if not isinstance(tokenizer, TextTokenizer):
+            tokenizer = TextTokenizer.from_pretrained(tokenizer, max_len=max_text_len)
+        elif tokenizer.max_len != max_text_len:
+            tokenizer = TextTokenizer(tokenizer.tokenizer, max_len=max_text_len)
+        self.tokenizer = tokenizer
+        self.batch_size, self.max_regions = batch_size, max_regions
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.resampled, self.steps = resampled, steps
+        self.negative_buffer, self.drop_last = negative_buffer, drop_last
+        self.epoch = 0
+        self.feature_dim, self._dim_source = feature_dim, "the feature_dim argument" if feature_dim else None
+        for info in infos:
+            if info.get("task") not in (None, task):
+                raise ValueError(f"{info['_dir']}: task shards of task {info['task']!r}, not {task!r}")
+            dim = info.get("features", {}).get("feature_dim")
+            if dim is None:
+                continue
+            if self.feature_dim is None:
+                self.feature_dim, self._dim_source = int(dim), f"{info['_dir']}/task.json"
+            elif int(dim) != self.feature_dim:
+                raise ValueError(
+                    f"{info['_dir']}/task.json: {dim}-d features ({info['features'].get('feature_layer')}) but "
+                    f"{self._dim_source} says {self.feature_dim}-d; feature sets of different layers cannot be mixed"
+                )
+        self.num_answers = num_answers
+        if task == "vqa" and num_answers is None:
+            self.num_answers = self._num_answers_from(infos)
+
+    @staticmethod
+    def _num_answers_from(infos: list[dict[str, Any]]) -> int:
+        """Answer vocabulary size from the TASKDIRs' task.json / answers.json."""
+        for info in infos:
+            if info.get("num_answers"):
+                return int(info["num_answers"])
+            if info.get("answer_vocab"):
+                return len(json.loads((Path(info["_dir"]) / info["answer_vocab"]).read_text()))
+        raise ValueError("vqa needs num_answers (or a TASKDIR whose task.json names its answers.json)")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffling for a new epoch (call before iterating the DataLoader)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch; only defined for resampled datasets."""
+        if not self.steps:
+            raise TypeError(
+                "the length of a non-resampled TaskDataset is unknown; pass resampled=True, steps=N"
+            )
+        return self.steps
+
+    # -- shards ------------------------------------------------------------------------
+
+    def shard_stream(self, rank: int, world: int, worker: int, workers: int) -> Iterator[str]:
+        """The shard URLs this (rank, worker) reads, in order (finite, or endless when resampled)."""
+        if self.resampled:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+            while True:
+                yield rng.choice(self.urls)
+        urls = list(self.urls)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(
+            urls
+        )  # same order on every rank: split stays disjoint
+        yield from split_shards(urls, rank, world, worker, workers)
+
+    def samples(self, urls: Iterator[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Task samples (key, members) of a stream of shard URLs."""
+        import webdataset as wds
+
+        from pipelines.shard_job import iter_tar_samples
+
+        for url in urls:
+            with wds.gopen(url, "rb") as stream:
+                yield from iter_tar_samples(stream, url)
+
+    # -- examples ----------------------------------------------------------------------
+
+    def _check_dim(self, url_key: str, regions: Regions) -> None:
+        """Fail clearly when a sample's feature size differs from the expected one."""
+        d = regions.feat.shape[1]
+        if self.feature_dim is None:
+            self.feature_dim, self._dim_source = d, f"the first sample read ({url_key})"
+        elif d != self.feature_dim:
+            raise ValueError(
+                f"sample {url_key} has {d}-d region features but {self._dim_source} says {self.feature_dim}-d; "
+                "feature sets of different layers (res4 1024-d, res5 2048-d) cannot be mixed"
+            )
+
+    def examples(self, samples: Iterator[tuple[str, dict[str, bytes]]], rng: random.Random) -> Iterator[dict]:
+        """Expand image samples into the task's examples (captions, questions, sentences, VCR stages)."""
+        caption_pool: list[tuple[str, str]] = []  # (image id, caption) of recent images, for negatives
+        image_pool: list[tuple[str, Regions]] = []
+        deferred: list[tuple[str, Regions, list[dict]]] = []
+        for key, sample in samples:
+            records = json.loads(sample["ann.json"])
+            regions = build_regions(sample, self.max_regions, with_gt=self.task == "vcr")
+            self._check_dim(key, regions)
+            base = {"task": self.task, "image_id": key, "regions": [regions]}
+            if self.task == "captions":
+                for r in records:
+                    others = [c for c in caption_pool if c[0] != key]
+                    aligned = not others or rng.random() >= 0.5
+                    caption = r["caption"] if aligned else rng.choice(others)[1]
+                    yield {**base, "texts": [self.tokenizer.encode(caption)], "align_label": float(aligned)}
+                self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
+            elif self.task == "vqa":
+                for r in records:
+                    target = np.zeros(self.num_answers, np.float32)
+                    target[r["labels"]] = r["scores"]
+                    yield {
+                        **base,
+                        "texts": [self.tokenizer.encode(r["question"])],
+                        "vqa_target": target,
+                        "question_id": r["question_id"],
+                        "answers": r["answers"],
+                        "answer_type": r["answer_type"],
+                    }
+            elif self.task == "refcoco":
+                for r in records:
+                    iou = np.zeros(regions.feat.shape[0], np.float32)
+                    iou[1:] = np.asarray(r["iou"], np.float32)[: regions.num_detected]
+                    yield {
+                        **base,
+                        "texts": [self.tokenizer.encode(r["sentence"])],
+                        "region_iou": iou,
+                        "gt_box": r["gt_box"],
+                        "ref_id": r["ref_id"],
+                    }
+            elif self.task == "vcr":
+                for r in records:
+                    common = {**base, "multi_choice": True, "annot_id": r["annot_id"]}
+                    q = r["question"]
+                    pairs = [(q, a) for a in r["answer_choices"]]
+                    yield {**common, "texts": self.tokenizer.encode_batch(pairs), "label": r["answer_label"],
+                           "vcr_stage": "q_a"}  # fmt: skip
+                    if r["answer_label"] >= 0:  # QA->R conditions on the right answer (unknown on test)
+                        qa = f"{q} {r['answer_choices'][r['answer_label']]}"
+                        pairs = [(qa, x) for x in r["rationale_choices"]]
+                        yield {**common, "texts": self.tokenizer.encode_batch(pairs), "label": r["rationale_label"],
+                               "vcr_stage": "qa_r"}  # fmt: skip
+            elif self.task == "retrieval":
+                if not image_pool:  # negatives need another image: wait for the next one
+                    deferred.append((key, regions, records))
+                else:
+                    yield from self._retrieval(key, regions, records, caption_pool, image_pool, rng)
+                self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
+                self._remember(image_pool, [(key, regions)], rng)
+                if len(image_pool) > 1 and deferred:
+                    for item in deferred:
+                        yield from self._retrieval(*item, caption_pool, image_pool, rng)
+                    deferred = []
+
+    def _remember(self, pool: list, items: list, rng: random.Random) -> None:
+        """Add items to a bounded pool, replacing random old entries once it is full."""
+        for item in items:
+            if len(pool) < self.negative_buffer:
+                pool.append(item)
+            else:
+                pool[rng.randrange(len(pool))] = item
+
+    def _retrieval(self, key, regions, records, caption_pool, image_pool, rng) -> Iterator[dict]:  # noqa: ANN001
+        """Four candidates per caption: positive, other caption, other image, hard negative (or other caption)."""
+        other_caps = [c for k, c in caption_pool if k != key]
+        other_imgs = [r for k, r in image_pool if k != key]
+        for r in records:
+            hard = r.get("hard_negatives") or other_caps
+            texts = [r["caption"], rng.choice(other_caps), r["caption"], rng.choice(hard)]
+            yield {
+                "task": "retrieval",
+                "image_id": key,
+                "multi_choice": True,
+                "texts": self.tokenizer.encode_batch(texts),
+                "regions": [regions, regions, rng.choice(other_imgs), regions],
+                "label": 0,
+            }
+
+    def shuffled(self, items: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """Seeded shuffle buffer of `shuffle_buffer` examples."""
+        if self.shuffle_buffer <= 1:
+            yield from items
+            return
+        buf: list[dict] = []
+        for item in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            i = rng.randrange(len(buf))
+            yield buf[i]
+            buf[i] = item
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches (or examples) for this rank and worker."""
+        rank, world = node_info()
+        worker, workers = worker_info()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}/examples")
+        stream = self.shuffled(
+            self.examples(self.samples(self.shard_stream(rank, world, worker, workers)), rng), rng
+        )
+        if self.batch_size is None:
+            yield from stream
+            return
+        quota = batches_for_worker(self.steps, worker, workers) if self.resampled else None
+        if quota == 0:
+            return
+        n = 0
+        batch: list[dict] = []
+        for ex in stream:
+            batch.append(ex)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.tokenizer.pad_id)
+                batch, n = [], n + 1
+                if quota is not None and n >= quota:
+                    return
+        if batch and not self.drop_last:
+            yield collate(batch, self.tokenizer.pad_id)
+
+
+def make_loader(
+    urls_or_dir: str | Path | Sequence[str | Path],
+    task: str,
+    tokenizer: TextTokenizer | str | Path,
+    batch_size: int = 32,
+    max_text_len: int = 36,
+    max_regions: int = 36,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    resampled: bool = False,
+    steps: int | None = None,
+    num_workers: int = 2,
+    **dataset_kwargs: Any,
+) -> DataLoader:
+    """DataLoader of padded batches from task shards (batching happens in the workers)."""
+    ds = TaskDataset(
+        urls_or_dir,
+        task,
+        tokenizer,
+        batch_size=batch_size,
+        max_text_len=max_text_len,
+        max_regions=max_regions,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        resampled=resampled,
+        steps=steps,
+        **dataset_kwargs,
+    )
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

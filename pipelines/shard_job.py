@@ -1,0 +1,413 @@
+"""`vilbert-data shard`: join a feature set with a task's annotations into task shards.
+
+Flow (docs/contracts.md sections 2 and 3): read `dataset.json` and the per-shard parquet indexes (no
+features), read the annotations (small; held in a dict keyed by feature image id), then stream the
+feature shards in order and write one task sample per annotated image: its regions once, with all its
+records in `ann.json`. Memory stays flat: at most one feature sample is decoded at a time.
+
+Output shards are written under a temporary name and renamed when complete, each followed by its
+parquet index; `task.json` is written last, so a directory with `task.json` is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipelines.annotations import Annotation, read_task_annotations
+from pipelines.annotations.common import TASKS
+from pipelines.matching import ImageMatcher
+from pipelines.vqa_answers import (
+    DEFAULT_MIN_COUNT,
+    answer_targets,
+    build_answer_vocab,
+    load_answer_vocab,
+    save_answer_vocab,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_FORMAT = "vilbert-data/task"
+REGION_MEMBERS = ("features.npy", "spatial.npy", "boxes.npy", "cls_prob.npy")
+
+
+class ShardError(ValueError):
+    """Bad input to the shard job (feature set, options); the message names the input."""
+
+
+# ----------------------------------------------------------------------------- tar streaming
+
+
+def iter_tar_samples(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member suffix: bytes}) for each WebDataset sample of a tar stream, in file order."""
+    key: str | None = None
+    sample: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, suffix = base.partition(".")  # key = everything before the first dot
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if k != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[suffix] = data
+    except tarfile.TarError as exc:
+        raise ShardError(f"{name}: unreadable tar: {exc}") from exc
+    if key is not None:
+        yield key, sample
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise an array in numpy's .npy format."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """Decode .npy bytes (no pickles)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TaskShardWriter:
+    """Numbered task shards with at most `shard_size` samples; each tar is renamed into place when full."""
+
+    def __init__(self, out: Path, shard_size: int) -> None:
+        self.out, self.shard_size = out, shard_size
+        self.shards: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, key: str, members: dict[str, bytes], row: dict[str, Any]) -> None:
+        """Add one sample (members named `key.suffix`) and its parquet index row."""
+        if self._tar is None:
+            name = f"task-{len(self.shards):06d}.tar"
+            self.shards.append(name)
+            self._tar = tarfile.open(self.out / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reruns give identical bytes
+            self._tar.addfile(info, io.BytesIO(data))
+        self._rows.append({"image_id": key, "shard": self.shards[-1], **row})
+        if len(self._rows) >= self.shard_size:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the open shard: rename the tar into place, then write its parquet index."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        name = self.shards[-1]
+        (self.out / (name + ".tmp")).replace(self.out / name)
+        table = pa.Table.from_pylist(self._rows)
+        index = self.out / name.replace(".tar", ".parquet")
+        pq.write_table(table, index.with_suffix(".parquet.tmp"))
+        index.with_suffix(".parquet.tmp").replace(index)
+        self._tar, self._rows = None, []
+
+
+# ----------------------------------------------------------------------------- feature set
+
+
+@dataclass
+class FeatureSet:
+    """What the shard job needs from a feature set: its description and the ok images' ids and sources."""
+
+    root: Path
+    info: dict[str, Any]
+    sha256: str
+    shards: list[str]
+    images: list[tuple[str, str | None]]
+
+    @property
+    def feature_dim(self) -> int:
+        """Region feature size D."""
+        return int(self.info["feature_dim"])
+
+
+def open_feature_set(root: str | Path) -> FeatureSet:
+    """Read `dataset.json` and the per-shard parquet indexes (ids and sources of the ok images)."""
+    root = Path(root)
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise ShardError(f"{root}: not a feature set (no dataset.json); run `vilbert-data extract` first")
+    raw = meta_path.read_bytes()
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{meta_path}: not valid JSON: {exc}") from exc
+    missing = [k for k in ("feature_layer", "feature_dim", "shards") if k not in info]
+    if info.get("format") != "vilbert-data/features" or missing:
+        raise ShardError(
+            f"{meta_path}: not a vilbert-data feature set description (missing {missing or 'format'})"
+        )
+    images: list[tuple[str, str | None]] = []
+    for shard in info["shards"]:
+        if not (root / shard).is_file():
+            raise ShardError(f"{root / shard}: feature shard listed in dataset.json is missing")
+        index = root / shard.replace(".tar", ".parquet")
+        if index.is_file():
+            table = pq.read_table(index, columns=["image_id", "source", "status"]).to_pylist()
+            images.extend((r["image_id"], r["source"]) for r in table if r["status"] == "ok")
+        else:  # no index: list the tar's keys (headers only, features skipped)
+            log.warning("%s: no parquet index, listing the tar instead", index)
+            with open(root / shard, "rb") as f:
+                images.extend((key, None) for key, _ in iter_tar_samples(f, str(root / shard)))
+    return FeatureSet(root, info, hashlib.sha256(raw).hexdigest(), list(info["shards"]), images)
+
+
+# ----------------------------------------------------------------------------- per-task records
+
+
+def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """IoU of each (K,4) xyxy box with one xyxy box (continuous coordinates, no +1)."""
+    boxes = boxes.astype(np.float64)
+    x1 = np.maximum(boxes[:, 0], box[0])
+    y1 = np.maximum(boxes[:, 1], box[1])
+    x2 = np.minimum(boxes[:, 2], box[2])
+    y2 = np.minimum(boxes[:, 3], box[3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)  # (K,)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _summary(ann: Annotation) -> dict[str, Any]:
+    """Identifying fields of a record for the missing-image report."""
+    keys = ("question_id", "annot_id", "ref_id", "sent_id")
+    out = {k: ann.record[k] for k in keys if k in ann.record}
+    text = ann.record.get("caption") or ann.record.get("question") or ann.record.get("sentence") or ""
+    out["text"] = text[:80]
+    return out
+
+
+class _GivenBoxFeatures:
+    """VCR ground-truth box features through the detector's given-box mode (loaded lazily)."""
+
+    def __init__(self, weights: str | None, device: str, feature_set: FeatureSet) -> None:
+        from extract import Detector, load_image
+
+        self.load_image = load_image
+        layer = feature_set.info["feature_layer"]
+        self.detector = Detector.from_checkpoint(weights, device=device, feature_layer=layer)
+        dim = int(self.detector.info["feature_dim"])
+        if dim != feature_set.feature_dim:
+            raise ShardError(
+                f"detector gives {dim}-d features but {feature_set.root}/dataset.json says {feature_set.feature_dim}-d"
+            )
+
+    def __call__(
+        self, image_path: str, boxes: np.ndarray, feat_dtype: np.dtype, prob_dtype: np.dtype
+    ) -> dict:
+        """gt_*.npy members for the given boxes of one image."""
+        det = self.detector.features_for_boxes(self.load_image(image_path), boxes)
+        return {
+            "gt_boxes.npy": npy_bytes(np.asarray(det.boxes, np.float32)),
+            "gt_features.npy": npy_bytes(np.asarray(det.features).astype(feat_dtype)),
+            "gt_spatial.npy": npy_bytes(np.asarray(det.spatial, np.float32)),
+            "gt_cls_prob.npy": npy_bytes(np.asarray(det.cls_prob).astype(prob_dtype)),
+        }
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_shard(
+    features: str | Path,
+    task: str,
+    annotations: Sequence[str | Path],
+    split: str,
+    out: str | Path,
+    shard_size: int = 1000,
+    answers: str | Path | None = None,
+    min_answer_count: int = DEFAULT_MIN_COUNT,
+    images: str | Path | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write TASKDIR task shards for one task and split; returns the `task.json` content."""
+    if task not in TASKS:
+        raise ShardError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
+    fs = open_feature_set(features)
+    anns = read_task_annotations(task, annotations, split, images_dir=images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("task-*.tar"), *out.glob("task-*.parquet"), out / "task.json"]:
+        stale.unlink(missing_ok=True)  # a previous run of this directory; task.json goes first
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+
+    # Join annotations to feature image ids.
+    matcher = ImageMatcher(fs.images)
+    by_image: dict[str, list[Annotation]] = {}
+    missing: list[dict[str, Any]] = []
+    for ann in anns:
+        m = matcher.match(ann.ref)
+        if m.image_id is None:
+            missing.append(
+                {"image": str(ann.ref), "reason": m.reason, "candidates": m.candidates, **_summary(ann)}
+            )
+        else:
+            by_image.setdefault(m.image_id, []).append(ann)
+
+    answer_file = None
+    if task == "vqa":
+        vocab = load_answer_vocab(answers) if answers else None
+        if vocab is None:
+            if not split.startswith("train"):
+                log.warning(
+                    "building the answer vocabulary from split %r; pass --answers TRAINDIR/answers.json",
+                    split,
+                )
+            vocab = build_answer_vocab(
+                ({"question_id": a.record["question_id"], "answers": [{"answer": x} for x in a.record["answers"]],
+                  **({"multiple_choice_answer": a.record["multiple_choice_answer"]}
+                     if "multiple_choice_answer" in a.record else {})}
+                 for a in anns if a.record["answers"]),
+                min_count=min_answer_count,
+            )  # fmt: skip
+        if not vocab:
+            raise ShardError(
+                f"empty answer vocabulary (no answer seen {min_answer_count}+ times); lower --min-answer-count"
+            )
+        answer_to_id = {a: i for i, a in enumerate(vocab)}
+        for ann in anns:
+            ann.record.pop("multiple_choice_answer", None)
+            ann.record["labels"], ann.record["scores"] = answer_targets(ann.record["answers"], answer_to_id)
+        answer_file = "answers.json"
+        save_answer_vocab(vocab, out / answer_file)
+
+    given_boxes = _GivenBoxFeatures(str(weights) if weights else None, device, fs) if task == "vcr" else None
+
+    writer = TaskShardWriter(out, shard_size)
+    written: set[str] = set()
+    without_annotations: list[str] = []
+    n_records = 0
+    failures: list[dict[str, str]] = []
+    bar = tqdm(total=len(fs.images), desc=f"shard {task}/{split}", unit="img", disable=not progress)
+    for shard in fs.shards:
+        with open(fs.root / shard, "rb") as f:
+            for key, sample in iter_tar_samples(f, str(fs.root / shard)):
+                bar.update(1)
+                group = by_image.get(key)
+                if group is None:
+                    without_annotations.append(key)
+                    continue
+                if key in written:
+                    continue  # the same image twice in a feature set: first copy wins
+                try:
+                    members, row = _task_sample(key, sample, group, task, fs, given_boxes)
+                except Exception as exc:  # one bad image must not stop a long job: record it and go on
+                    failures.append({"image_id": key, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                writer.write(key, members, row)
+                written.add(key)
+                n_records += len(group)
+    bar.close()
+    writer.close()
+    for image_id in sorted(set(by_image) - written - {f["image_id"] for f in failures}):
+        for ann in by_image[image_id]:  # indexed as ok but absent from the tars
+            missing.append(
+                {"image": str(ann.ref), "reason": "not_in_shards", "candidates": [], **_summary(ann)}
+            )
+
+    _write_jsonl(report / "missing_images.jsonl", missing)
+    (report / "images_without_annotations.txt").write_text("".join(f"{k}\n" for k in without_annotations))
+    _write_jsonl(report / "failures.jsonl", failures)
+    reasons: dict[str, int] = {}
+    for m in missing:
+        reasons[m["reason"]] = reasons.get(m["reason"], 0) + 1
+    task_info = {
+        "format": TASK_FORMAT,
+        "version": 1,
+        "task": task,
+        "split": split,
+        "counts": {
+            "images": len(written),
+            "records": n_records,
+            "annotations": len(anns),
+            "annotations_without_features": len(missing),
+            "missing_by_reason": reasons,
+            "images_without_annotations": len(without_annotations),
+            "failed": len(failures),
+        },
+        "features": {
+            "path": str(fs.root.resolve()),
+            "dataset_json_sha256": fs.sha256,
+            "feature_layer": fs.info["feature_layer"],
+            "feature_dim": fs.feature_dim,
+            "dtype": fs.info.get("dtype"),
+        },
+        "answer_vocab": answer_file,
+        "num_answers": len(vocab) if task == "vqa" else None,
+        "annotation_files": [str(Path(a)) for a in annotations],
+        "shards": writer.shards,
+    }
+    tmp = out / "task.json.tmp"
+    tmp.write_text(json.dumps(task_info, indent=1) + "\n")
+    tmp.replace(out / "task.json")
+    return task_info
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _task_sample(
+    key: str,
+    sample: dict[str, bytes],
+    group: list[Annotation],
+    task: str,
+    fs: FeatureSet,
+    given_boxes: _GivenBoxFeatures | None,
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Members and index row of one task sample: the image's regions once plus all its records."""
+    absent = [m for m in (*REGION_MEMBERS, "json") if m not in sample]
+    if absent:
+        raise ShardError(f"feature sample {key} lacks {', '.join(absent)}")
+    meta = json.loads(sample["json"])
+    feats = load_npy(sample["features.npy"])
+    if feats.ndim != 2 or feats.shape[1] != fs.feature_dim:
+        raise ShardError(
+            f"feature sample {key}: features {feats.shape} but dataset.json says D={fs.feature_dim}"
+        )
+    members = {m: sample[m] for m in REGION_MEMBERS}
+    members["meta.json"] = json.dumps(
+        {"image_id": key, "width": meta["width"], "height": meta["height"], "num_boxes": int(feats.shape[0])}
+    ).encode()
+    records = [dict(a.record) for a in group]
+    if task == "refcoco":
+        boxes = load_npy(sample["boxes.npy"])
+        for r in records:
+            r["iou"] = [round(float(v), 6) for v in box_iou(boxes, r["gt_box"])]
+    if task == "vcr":
+        assert given_boxes is not None
+        from pipelines.annotations.vcr import read_vcr_metadata
+
+        gt = read_vcr_metadata(Path(group[0].extra["metadata"]))
+        prob_dtype = load_npy(sample["cls_prob.npy"]).dtype
+        gt_boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
+        members.update(given_boxes(group[0].extra["image"], gt_boxes, feats.dtype, prob_dtype))
+    members["ann.json"] = json.dumps(records, ensure_ascii=False).encode()
+    return members, {"num_boxes": int(feats.shape[0]), "num_records": len(records)}
