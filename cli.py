@@ -45,10 +45,155 @@ def main(
 
 # ---------------------------------------------------------------- extract (owner: pipelines/extract)
 # COMMAND: extract
+@app.command("extract")
+def extract_cmd(
+    images: str = typer.Option(
+        ..., "--images", help="Folder (recursive), fsspec URL (s3://, gs://, file://) or .txt/.parquet list."
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder for the feature shards and dataset.json."),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="Detector checkpoint (.pth/.bin/.pkl). Omitted: RANDOM weights, previews only.",
+    ),
+    feature_layer: str = typer.Option("res4", "--feature-layer", help="res4 (1024-d) or res5 (2048-d)."),
+    min_boxes: int = typer.Option(10, "--min-boxes", help="Fewest regions kept per image."),
+    max_boxes: int = typer.Option(36, "--max-boxes", help="Most regions kept per image."),
+    conf_thresh: float = typer.Option(
+        0.2, "--conf-thresh", help="Keep regions whose best class score is above."
+    ),
+    min_size: int = typer.Option(600, "--min-size", help="Short side of the detector input."),
+    max_size: int = typer.Option(1000, "--max-size", help="Cap on the long side of the detector input."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage of features/cls_prob: float16 or float32."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward pass."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Detector actors. Default: one per GPU, or one CPU worker using every core."
+    ),
+    gpus_per_worker: float | None = typer.Option(
+        None,
+        "--gpus-per-worker",
+        help="GPUs per actor (fractions share a GPU). Default: 1 if the cluster has GPUs.",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Images per output shard (the unit of resume)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (else RAY_ADDRESS, else an embedded local Ray)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete an existing feature set in OUT and start again."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N images (sorted)."),
+    depth: int = typer.Option(
+        101, "--depth", help="ResNet depth, 101 or 50 (50 + random weights: fast preview)."
+    ),
+    max_proposals: int | None = typer.Option(
+        None, "--max-proposals", help="RPN proposals kept after NMS (default 300); fewer is faster."
+    ),
+    autocast: str | None = typer.Option(
+        None, "--autocast", help="Mixed precision: bf16 (CPU/GPU) or fp16 (GPU)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Extract bottom-up-attention region features of every image into WebDataset shards.
+
+    Resumable: rerun the same command after a crash and only unfinished shards are redone.
+    Exit status: 0 all images ok; 3 finished but some images failed (reasons in the parquet index and
+    `vilbert-data inspect`); 1 the job could not finish; 2 bad arguments or input.
+
+    Example: vilbert-data extract --images photos/ --out feats/ --weights bua-caffe-frcn-r101-k10-100.pth
+
+    Fast random-weight preview on a laptop CPU:
+    vilbert-data extract --images photos/ --out feats/ --depth 50 --min-size 256 --max-size 384 --max-proposals 50
+    """
+    from pipelines.distributor import ExtractJobError
+    from pipelines.extract_job import (
+        EXIT_BAD_INPUT,
+        EXIT_JOB_FAILED,
+        ExtractOptions,
+        format_summary,
+        run_extract,
+    )
+
+    options = ExtractOptions(
+        weights=weights,
+        feature_layer=feature_layer,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        conf_thresh=conf_thresh,
+        min_size=min_size,
+        max_size=max_size,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        device=device,
+        shard_size=shard_size,
+        ray_address=ray_address,
+        overwrite=overwrite,
+        limit=limit,
+        depth=depth,
+        max_proposals=max_proposals,
+        autocast=autocast,
+        progress=progress,
+    )
+    try:
+        result = run_extract(images, out, options)
+    except ExtractJobError as err:
+        typer.echo(f"error: the job could not finish: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from err
+    typer.echo(format_summary(result.dataset))
+    typer.echo(f"wrote {out}/dataset.json")
+    raise typer.Exit(result.exit_code)
 
 
 # ---------------------------------------------------------------- inspect (owner: pipelines/extract)
 # COMMAND: inspect
+@app.command("inspect")
+def inspect_cmd(
+    out: str = typer.Argument(..., help="A feature set folder written by `vilbert-data extract`."),
+    image_id: str | None = typer.Option(
+        None, "--image-id", help="Show this image's boxes (default: first ok one)."
+    ),
+    picture: str | None = typer.Option(
+        None, "--out", help="Write a PNG of the image with its labelled boxes."
+    ),
+    vocab: list[str] | None = typer.Option(
+        None,
+        "--vocab",
+        help="Visual Genome vocabulary: a folder with vg_objects_vocab.txt / vg_attributes_vocab.txt, or the "
+        "files (repeat the option). Without it, boxes are labelled with ids.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summary of a feature set (counts, boxes-per-image histogram, failures by reason) and a picture.
+
+    Example: vilbert-data inspect feats/ --out dog.png --image-id photos_dog --vocab ~/vg/
+    """
+    import json
+
+    from pipelines.inspect import (
+        format_boxes,
+        format_summary,
+        load_sample,
+        load_vocabs,
+        render_picture,
+        summarize,
+    )
+
+    try:
+        summary = summarize(out)
+        typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+        if image_id is not None or picture is not None:
+            objects, attributes = load_vocabs(vocab or [])
+            typer.echo(format_boxes(load_sample(out, image_id), objects, attributes))
+        if picture is not None:
+            typer.echo(f"wrote {render_picture(out, picture, image_id, vocab)}")
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 # ---------------------------------------------------------------- shard, vocab (owner: pipelines/shard)
