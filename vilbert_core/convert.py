@@ -33,11 +33,17 @@ _CO_OURS = r"vilbert.co_layers.\1."
 # (reference name regex, our name template); each regex is matched against the whole name.
 _RULES: list[tuple[str, str]] = [
     # text embeddings (identical to BERT's)
-    (r"bert\.embeddings\.(word|position|token_type)_embeddings\.weight", r"vilbert.embeddings.\1_embeddings.weight"),
+    (
+        r"bert\.embeddings\.(word|position|token_type)_embeddings\.weight",
+        r"vilbert.embeddings.\1_embeddings.weight",
+    ),
     (r"bert\.embeddings\.LayerNorm\.(weight|bias)", r"vilbert.embeddings.layer_norm.\1"),
     # region embeddings
     (r"bert\.v_embeddings\.image_embeddings\.(weight|bias)", r"vilbert.image_embeddings.feature_proj.\1"),
-    (r"bert\.v_embeddings\.image_location_embeddings\.(weight|bias)", r"vilbert.image_embeddings.location_proj.\1"),
+    (
+        r"bert\.v_embeddings\.image_location_embeddings\.(weight|bias)",
+        r"vilbert.image_embeddings.location_proj.\1",
+    ),
     (r"bert\.v_embeddings\.LayerNorm\.(weight|bias)", r"vilbert.image_embeddings.layer_norm.\1"),
     *_layer_rules("layer", "text_layers"),
     *_layer_rules("v_layer", "visual_layers"),
@@ -74,7 +80,10 @@ _COMPILED = [(re.compile(pattern), template) for pattern, template in _RULES]
 
 # (reference name regex, reason it is dropped)
 _SKIPS: list[tuple[str, str]] = [
-    (r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.(weight|bias)", "unused by the reference forward pass"),
+    (
+        r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.(weight|bias)",
+        "unused by the reference forward pass",
+    ),
     (r"bert\.embeddings\.task_embeddings\.weight", "task-token embeddings of the multi-task model"),
     (r"vil_prediction_gqa\..*", "GQA head of the multi-task model"),
     (r"vil_binary_prediction\..*", "NLVR2 head of the multi-task model"),
@@ -88,7 +97,15 @@ _COMPILED_SKIPS = [(re.compile(pattern), reason) for pattern, reason in _SKIPS]
 _ALIGN_KEYS = {"cls.bi_seq_relationship.weight", "cls.bi_seq_relationship.bias"}
 
 # the prefixes of our own state dict: a checkpoint using them was written by save_pretrained
-PROJECT_PREFIXES = ("vilbert.", "mlm_head.", "mrm_head.", "align_head.", "vqa_head.", "pair_head.", "region_head.")
+PROJECT_PREFIXES = (
+    "vilbert.",
+    "mlm_head.",
+    "mrm_head.",
+    "align_head.",
+    "vqa_head.",
+    "pair_head.",
+    "region_head.",
+)
 
 
 def normalize_reference_name(name: str) -> str:
@@ -119,10 +136,13 @@ def is_project_state_dict(state: dict[str, Tensor]) -> bool:
     return any(name.startswith("vilbert.") for name in state)
 
 
-def convert_reference_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Rename a reference state dict to our names; returns (converted tensors, skipped name -> reason)."""
+def convert_reference_state_dict(
+    state: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str]]:
+    """Rename a reference state dict; returns (tensors by our name, skipped name -> reason, our name -> source name)."""
     converted: dict[str, Tensor] = {}
     skipped: dict[str, str] = {}
+    origin: dict[str, str] = {}
     for raw_name, tensor in state.items():
         name = normalize_reference_name(raw_name)
         ours, reason = reference_to_project(name)
@@ -131,10 +151,13 @@ def convert_reference_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Te
             continue
         if name in _ALIGN_KEYS:
             if tensor.shape[0] != 2:
-                raise ValueError(f"{raw_name} has shape {tuple(tensor.shape)}; expected 2 rows (aligned, not aligned)")
+                raise ValueError(
+                    f"{raw_name} has shape {tuple(tensor.shape)}; expected 2 rows (aligned, not aligned)"
+                )
             tensor = (tensor[0] - tensor[1]).unsqueeze(0)  # (1,bi) weight or (1,) bias
         converted[ours] = tensor
-    return converted, skipped
+        origin[ours] = raw_name
+    return converted, skipped, origin
 
 
 def convert_bert_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -148,7 +171,9 @@ def convert_bert_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor]
         if bare and name.startswith(("embeddings.", "encoder.", "pooler.")):
             name = "bert." + name
         keep = name.startswith(("bert.embeddings.", "bert.encoder.layer.", "cls.predictions."))
-        ours, reason = reference_to_project(name) if keep else (None, "not part of the text stream or MLM head")
+        ours, reason = (
+            reference_to_project(name) if keep else (None, "not part of the text stream or MLM head")
+        )
         if ours is None:
             skipped[raw_name] = reason
         else:

@@ -88,7 +88,9 @@ class ViLBERTTextEmbeddings(nn.Module):
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -240,18 +242,31 @@ class ViLBERTCoAttention(nn.Module):
         self.t_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, image: Tensor, image_keep: Tensor, text: Tensor, text_keep: Tensor, output_attentions: bool = False
+        self,
+        image: Tensor,
+        image_keep: Tensor,
+        text: Tensor,
+        text_keep: Tensor,
+        output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus (text->image, image->text) probs if asked."""
         h = self.heads
         p = self.attn_dropout if self.training else 0.0
         impl = self.config.attn_implementation
-        v_q, v_k, v_v = (_split_heads(f(image), h) for f in (self.v_query, self.v_key, self.v_value))  # (B,H,R,d)
-        t_q, t_k, t_v = (_split_heads(f(text), h) for f in (self.t_query, self.t_key, self.t_value))  # (B,H,T,d)
+        v_q, v_k, v_v = (
+            _split_heads(f(image), h) for f in (self.v_query, self.v_key, self.v_value)
+        )  # (B,H,R,d)
+        t_q, t_k, t_v = (
+            _split_heads(f(text), h) for f in (self.t_query, self.t_key, self.t_value)
+        )  # (B,H,T,d)
         # text queries over regions (padded regions masked) -> (B,H,T,d); probs (B,H,T,R)
-        t_ctx, t2i = attend(t_q, v_k, v_v, image_keep, dropout_p=p, implementation=impl, need_probs=output_attentions)
+        t_ctx, t2i = attend(
+            t_q, v_k, v_v, image_keep, dropout_p=p, implementation=impl, need_probs=output_attentions
+        )
         # region queries over text (padded tokens masked) -> (B,H,R,d); probs (B,H,R,T)
-        v_ctx, i2t = attend(v_q, t_k, t_v, text_keep, dropout_p=p, implementation=impl, need_probs=output_attentions)
+        v_ctx, i2t = attend(
+            v_q, t_k, t_v, text_keep, dropout_p=p, implementation=impl, need_probs=output_attentions
+        )
         image = self.v_layer_norm(image + self.v_dropout(self.v_output(_merge_heads(v_ctx))))
         text = self.t_layer_norm(text + self.t_dropout(self.t_output(_merge_heads(t_ctx))))
         probs = (t2i, i2t) if output_attentions else None
@@ -268,7 +283,12 @@ class ViLBERTCoLayer(nn.Module):
         self.t_ffn = ViLBERTFeedForward(config, _StreamDims.of(config, visual=False))
 
     def forward(
-        self, image: Tensor, image_keep: Tensor, text: Tensor, text_keep: Tensor, output_attentions: bool = False
+        self,
+        image: Tensor,
+        image_keep: Tensor,
+        text: Tensor,
+        text_keep: Tensor,
+        output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus co-attention probs if asked."""
         image, text, probs = self.co_attention(image, image_keep, text, text_keep, output_attentions)
@@ -337,7 +357,9 @@ def _check_inputs(
         )
     b, t = input_ids.shape
     if t > config.max_position_embeddings:
-        raise ValueError(f"input_ids has {t} tokens, more than max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(
+            f"input_ids has {t} tokens, more than max_position_embeddings={config.max_position_embeddings}"
+        )
     if image_feat.dim() != 3 or image_feat.size(0) != b or image_feat.size(-1) != config.v_feature_size:
         raise ValueError(
             f"image_feat must be (batch={b}, regions, v_feature_size={config.v_feature_size}), "
@@ -363,8 +385,12 @@ class ViLBERTModel(nn.Module):
         self.config = config
         self.embeddings = ViLBERTTextEmbeddings(config)
         self.image_embeddings = ViLBERTImageEmbeddings(config)
-        self.text_layers = nn.ModuleList(ViLBERTLayer(config, visual=False) for _ in range(config.num_hidden_layers))
-        self.visual_layers = nn.ModuleList(ViLBERTLayer(config, visual=True) for _ in range(config.v_num_hidden_layers))
+        self.text_layers = nn.ModuleList(
+            ViLBERTLayer(config, visual=False) for _ in range(config.num_hidden_layers)
+        )
+        self.visual_layers = nn.ModuleList(
+            ViLBERTLayer(config, visual=True) for _ in range(config.v_num_hidden_layers)
+        )
         self.co_layers = nn.ModuleList(ViLBERTCoLayer(config) for _ in range(config.num_co_layers))
         self.text_pooler = ViLBERTPooler(config.hidden_size, config.bi_hidden_size)
         self.visual_pooler = ViLBERTPooler(config.v_hidden_size, config.bi_hidden_size)
@@ -380,7 +406,9 @@ class ViLBERTModel(nn.Module):
         output_attentions: bool = False,
     ) -> ViLBERTModelOutput:
         """Run both streams; masks are 1 for real tokens/regions (default: all real)."""
-        _check_inputs(self.config, input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask)
+        _check_inputs(
+            self.config, input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask
+        )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
@@ -394,7 +422,9 @@ class ViLBERTModel(nn.Module):
         co_attentions: list[tuple[Tensor, Tensor]] = []
         t_start = v_start = 0
         # Co-attention layer k follows text layer t_biattention_id[k]-1 and visual layer v_biattention_id[k]-1.
-        for k, (v_end, t_end) in enumerate(zip(self.config.v_biattention_id, self.config.t_biattention_id, strict=True)):
+        for k, (v_end, t_end) in enumerate(
+            zip(self.config.v_biattention_id, self.config.t_biattention_id, strict=True)
+        ):
             for layer in self.text_layers[t_start:t_end]:
                 text = layer(text, text_keep)
             for layer in self.visual_layers[v_start:v_end]:
@@ -445,7 +475,9 @@ class ViLBERTMLMHead(nn.Module):
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__()
-        self.transform = ViLBERTPredictionTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps)
+        self.transform = ViLBERTPredictionTransform(
+            config.hidden_size, config.hidden_act, config.layer_norm_eps
+        )
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, text_hidden: Tensor) -> Tensor:
@@ -458,7 +490,9 @@ class ViLBERTMRMHead(nn.Module):
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__()
-        self.transform = ViLBERTPredictionTransform(config.v_hidden_size, config.v_hidden_act, config.layer_norm_eps)
+        self.transform = ViLBERTPredictionTransform(
+            config.v_hidden_size, config.v_hidden_act, config.layer_norm_eps
+        )
         self.decoder = nn.Linear(config.v_hidden_size, config.v_target_size)
 
     def forward(self, visual_hidden: Tensor) -> Tensor:
@@ -500,7 +534,9 @@ class LoadReport:
             lines.append(f"skipped {len(self.skipped)} checkpoint tensors:")
             lines += [f"  {k}: {why}" for k, why in sorted(self.skipped.items())]
         if self.fresh:
-            lines.append(f"{len(self.fresh)} parameters start fresh (not in the checkpoint): " + ", ".join(self.fresh))
+            lines.append(
+                f"{len(self.fresh)} parameters start fresh (not in the checkpoint): " + ", ".join(self.fresh)
+            )
         return "\n".join(lines)
 
 
@@ -607,7 +643,9 @@ class ViLBERTPreTrainedModel(nn.Module):
             if config_file.is_file():
                 config = ViLBERTConfig.from_json_file(config_file)
             elif weights.suffix == ".safetensors":
-                raise FileNotFoundError(f"{config_file} is missing; pass config= or restore the saved config.json")
+                raise FileNotFoundError(
+                    f"{config_file} is missing; pass config= or restore the saved config.json"
+                )
             else:
                 logger.warning("no config.json beside %s; using the paper preset 'vilbert-base'", weights)
                 config = ViLBERTConfig.preset("vilbert-base")
@@ -622,11 +660,11 @@ class ViLBERTPreTrainedModel(nn.Module):
         model = cls(config)
         raw = _read_state_dict(weights)
         if is_project_state_dict(raw):
-            state, skipped, fmt = dict(raw), {}, "project"
+            state, skipped, origin, fmt = dict(raw), {}, {}, "project"
         else:
-            state, skipped = convert_reference_state_dict(raw)
+            state, skipped, origin = convert_reference_state_dict(raw)
             fmt = "reference"
-        report = model._load_mapped(state, skipped, source=str(weights), source_format=fmt)
+        report = model._load_mapped(state, skipped, origin, source=str(weights), source_format=fmt)
         if report.skipped:
             logger.warning("%s", report.summary())
         elif report.fresh:
@@ -635,23 +673,36 @@ class ViLBERTPreTrainedModel(nn.Module):
         return (model, report) if output_loading_info else model
 
     def _load_mapped(
-        self, state: dict[str, Tensor], skipped: dict[str, str], *, source: str, source_format: str
+        self,
+        state: dict[str, Tensor],
+        skipped: dict[str, str],
+        origin: dict[str, str],
+        *,
+        source: str,
+        source_format: str,
     ) -> LoadReport:
-        """Copy tensors already named as our parameters; raise on missing or mis-shaped ones."""
+        """Copy tensors already named as our parameters; raise on missing or mis-shaped ones.
+
+        origin maps our name -> the checkpoint's name, so that reports and errors quote the source name.
+        """
         own = self.state_dict()
         report = LoadReport(source=source, source_format=source_format, skipped=dict(skipped))
         mismatched = []
         usable: dict[str, Tensor] = {}
         for name, tensor in state.items():
+            source_name = origin.get(name, name)
             if name not in own:
-                report.skipped[name] = f"not a parameter of {type(self).__name__}"
+                report.skipped[source_name] = f"not a parameter of {type(self).__name__}"
             elif name in self._tied_weights:
-                report.skipped[name] = f"tied to {self._tied_weights[name]}"
+                report.skipped[source_name] = f"tied to {self._tied_weights[name]}"
             elif tuple(tensor.shape) != tuple(own[name].shape):
-                mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+                renamed = f" (checkpoint name {source_name})" if source_name != name else ""
+                mismatched.append(
+                    f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}{renamed}"
+                )
             else:
                 usable[name] = tensor
-        missing = [n for n in own if n not in usable and n not in self._tied_weights]
+        missing = [n for n in own if n not in state and n not in self._tied_weights]
         fresh = [n for n in missing if n.startswith(self._head_prefixes)]
         absent = [n for n in missing if n not in fresh]
         if mismatched or absent:
@@ -781,7 +832,9 @@ def init_text_from_bert(model: ViLBERTPreTrainedModel, hf_bert_dir: str | os.Pat
         (directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None
     )
     if weights is None:
-        raise FileNotFoundError(f"BERT folder {directory} holds neither model.safetensors nor pytorch_model.bin")
+        raise FileNotFoundError(
+            f"BERT folder {directory} holds neither model.safetensors nor pytorch_model.bin"
+        )
     state, skipped = convert_bert_state_dict(_read_state_dict(weights))
     own = model.state_dict()
     report = LoadReport(source=str(weights), source_format="bert", skipped=skipped)
