@@ -1,7 +1,7 @@
 """RefCOCO / RefCOCO+ / RefCOCOg in the refer toolkit layout: `refs(unc|google|umd).p` + `instances.json`.
 
 The refs pickle is read with `safe_load_pickle`, which admits plain containers (dict, list, tuple,
-str, bytes, numbers, bool, None) and nothing that needs a global: a pickle that names any class or
+set, str, bytes, numbers, bool, None) and nothing else: a pickle that names any other class or
 function (the way a malicious pickle runs code) is refused before anything is built.
 """
 
@@ -20,11 +20,22 @@ class UnsafePickleError(AnnotationError):
     """A pickle that asks for a global (class or function): refused."""
 
 
+# The only globals a plain-container pickle may need: protocol-2 bytes and sets. None can run code.
+ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    *(
+        (m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset")
+    ),  # __builtin__: Python 2 name
+}
+
+
 class PlainContainerUnpickler(pickle.Unpickler):
-    """Unpickler whose `find_class` refuses every global, so only plain containers can be built."""
+    """Unpickler whose `find_class` refuses every global but those that build bytes and sets."""
 
     def find_class(self, module: str, name: str) -> Any:
-        """Refuse every global lookup."""
+        """Resolve only `ALLOWED_GLOBALS`; refuse every other class or function."""
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 
