@@ -198,7 +198,101 @@ def inspect_cmd(
 
 # ---------------------------------------------------------------- shard, vocab (owner: pipelines/shard)
 # COMMAND: shard
+@app.command("shard", context_settings={"allow_extra_args": True})
+def shard_cmd(
+    ctx: typer.Context,
+    features: str = typer.Option(
+        ..., "--features", help="Feature set folder written by `extract` (dataset.json)."
+    ),
+    task: str = typer.Option(..., "--task", help="captions, vqa, vcr, refcoco or retrieval."),
+    annotations: list[str] = typer.Option(
+        ...,
+        "--annotations",
+        help=(
+            "Annotation file(s); further files may follow the first one. captions: COCO captions .json, "
+            "Conceptual Captions style .tsv or .jsonl; vqa: questions .json + annotations .json; vcr: "
+            "{split}.jsonl; refcoco: refs(unc).p + instances.json; retrieval: Karpathy dataset_*.json."
+        ),
+    ),
+    split: str = typer.Option(..., "--split", help="Split name (refcoco/retrieval select records by it)."),
+    out: str = typer.Option(..., "--out", help="Output TASKDIR (task shards, task.json, report/)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Images per task shard."),
+    answers: str | None = typer.Option(
+        None,
+        "--answers",
+        help="vqa: answers.json of the training TASKDIR to reuse (default: build from this split).",
+    ),
+    min_answer_count: int = typer.Option(
+        9,
+        "--min-answer-count",
+        help="vqa: keep answers of at least this many questions (9 gives 3129 on VQA v2).",
+    ),
+    images: str | None = typer.Option(
+        None, "--images", help="vcr: the vcr1images folder (images + metadata)."
+    ),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="vcr: detector checkpoint for the ground-truth boxes (omitted: RANDOM weights).",
+    ),
+    device: str = typer.Option("auto", "--device", help="vcr: detector device, auto, cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Join region features with a task's annotations into task shards (one sample per image).
+
+    Annotation image references (file name, path or COCO numeric id) are matched to the feature image ids (rule: docs/shard.md); annotations without features and images without annotations are counted here and listed in OUT/report/. A malformed annotation file stops with the file and the first bad record.
+
+    Example: vilbert-data shard --features feats/ --task vqa --annotations v2_OpenEnded_mscoco_train2014_questions.json v2_mscoco_train2014_annotations.json --split train --out vqa_train/
+    """
+    from pipelines.annotations import AnnotationError
+    from pipelines.shard_job import ShardError, run_shard
+
+    files = list(annotations) + [a for a in ctx.args]
+    unknown = [a for a in files if a.startswith("-")]
+    if unknown:
+        raise typer.BadParameter(f"unknown option(s) {' '.join(unknown)}", param_hint="--annotations")
+    try:
+        info = run_shard(
+            features, task, files, split, out, shard_size=shard_size, answers=answers,
+            min_answer_count=min_answer_count, images=images, weights=weights, device=device, progress=progress,
+        )  # fmt: skip
+    except (AnnotationError, ShardError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    c = info["counts"]
+    typer.echo(
+        f"{task}/{split}: {c['images']} images, {c['records']} records in {len(info['shards'])} shard(s) -> {out}\n"
+        f"annotations without features: {c['annotations_without_features']} {c['missing_by_reason'] or ''}\n"
+        f"images without annotations: {c['images_without_annotations']}; failed: {c['failed']}  (lists: {out}/report/)"
+    )
+
+
 # COMMAND: vocab
+@app.command("vocab")
+def vocab_cmd(
+    files: list[str] = typer.Argument(
+        ..., help="Caption files: .txt (one per line), .tsv, .jsonl, COCO/Karpathy/VQA .json."
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder for vocab.txt and tokenizer.json."),
+    vocab_size: int = typer.Option(30522, "--vocab-size", help="Vocabulary size (BERT-base: 30522)."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Ignore pieces seen fewer times."),
+) -> None:
+    """Train an uncased WordPiece vocabulary from caption files (for machines without a BERT vocabulary).
+
+    Special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+
+    Example: vilbert-data vocab captions_train2014.json cc_train.tsv --out my_vocab/ --vocab-size 30522
+    """
+    from pipelines.annotations import AnnotationError
+    from pipelines.tokenization import train_wordpiece
+
+    try:
+        path = train_wordpiece(files, out, vocab_size=vocab_size, min_frequency=min_frequency)
+    except (AnnotationError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    n = sum(1 for _ in open(path, encoding="utf-8"))
+    typer.echo(f"wrote {path} ({n} tokens) and {path.parent / 'tokenizer.json'}")
 
 
 # ---------------------------------------------------------------- train (owner: vilbert_core/training)

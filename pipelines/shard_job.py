@@ -201,12 +201,12 @@ def _summary(ann: Annotation) -> dict[str, Any]:
 class _GivenBoxFeatures:
     """VCR ground-truth box features through the detector's given-box mode (loaded lazily)."""
 
-    def __init__(self, weights: str | None, device: str, feature_set: FeatureSet) -> None:
+    def __init__(self, weights: str | None, device: str, feature_set: FeatureSet, config: Any = None) -> None:
         from extract import Detector, load_image
 
         self.load_image = load_image
         layer = feature_set.info["feature_layer"]
-        self.detector = Detector.from_checkpoint(weights, device=device, feature_layer=layer)
+        self.detector = Detector.from_checkpoint(weights, device=device, feature_layer=layer, config=config)
         dim = int(self.detector.info["feature_dim"])
         if dim != feature_set.feature_dim:
             raise ShardError(
@@ -241,9 +241,15 @@ def run_shard(
     images: str | Path | None = None,
     weights: str | Path | None = None,
     device: str = "auto",
+    detector_config: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write TASKDIR task shards for one task and split; returns the `task.json` content."""
+    """Write TASKDIR task shards for one task and split; returns the `task.json` content.
+
+    VCR only: `images` is the vcr1images folder (images + metadata json), `weights` the detector
+    checkpoint for the ground-truth boxes' features (None = random weights, tests only) and
+    `detector_config` an optional `extract.DetectorConfig`.
+    """
     if task not in TASKS:
         raise ShardError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if shard_size < 1:
@@ -297,7 +303,9 @@ def run_shard(
         answer_file = "answers.json"
         save_answer_vocab(vocab, out / answer_file)
 
-    given_boxes = _GivenBoxFeatures(str(weights) if weights else None, device, fs) if task == "vcr" else None
+    given_boxes = None
+    if task == "vcr":
+        given_boxes = _GivenBoxFeatures(str(weights) if weights else None, device, fs, detector_config)
 
     writer = TaskShardWriter(out, shard_size)
     written: set[str] = set()
