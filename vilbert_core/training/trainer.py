@@ -1,0 +1,698 @@
+"""`run_train`: pretraining and fine-tuning of ViLBERT on task shards, on one CPU or many GPUs and nodes.
+
+Read top to bottom: the arguments (TrainArgs, per-task defaults from the paper), the data (task.json
+checks, one loader per epoch, skipping to the saved position on resume), the model (fresh, from a
+checkpoint, text stream from BERT), then the loop: gradient accumulation, clipping, warmup + linear
+decay, NaN stop, logging, atomic checkpoints, validation with a best checkpoint, and the run folder
+of docs/contracts.md section 6.
+
+`--batch-size` is the global batch: samples per optimiser step over all ranks and accumulation steps.
+Each rank feeds batch_size / (world_size * grad_accum) samples per forward pass, so the same command
+trains the same model whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpointing import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap,
+)
+from .distributed import (
+    DistContext,
+    all_reduce_mean,
+    all_reduce_min,
+    barrier,
+    gather_objects,
+    setup_distributed,
+    teardown_distributed,
+)
+from .metrics_log import MetricsLog, plot_curves
+from .optim import build_optimizer, warmup_linear_schedule
+from .tasks import TASKS, MaskingSpec, batch_size_of, batch_to_device, compute_losses, validation_scores
+
+# The shard task each training task reads (`vilbert-data shard --task ...`).
+SHARD_TASK = {
+    "pretrain": "captions",
+    "vqa": "vqa",
+    "vcr": "vcr",
+    "refcoco": "refcoco",
+    "retrieval": "retrieval",
+}
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """Paper / reference hyperparameters of one task: global batch, peak learning rate, epochs."""
+
+    batch_size: int
+    lr: float
+    epochs: float
+    metric: str  # validation score name (higher is better)
+
+
+# ViLBERT (Lu et al. 2019) section 4 and the reference code's task configs.
+TASK_DEFAULTS: dict[str, TaskDefaults] = {
+    "pretrain": TaskDefaults(batch_size=512, lr=1e-4, epochs=10, metric="align_acc"),
+    "vqa": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="vqa_score"),
+    "vcr": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
+    "refcoco": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="accuracy"),
+    "retrieval": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
+}
+
+
+class TrainingError(RuntimeError):
+    """A problem with the training inputs or run, with a message meant for the user."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainArgs:
+    """Every option of `vilbert-data train` (None = the task's paper default or automatic)."""
+
+    task: str
+    data: str
+    out: str
+    vocab: str | None = None
+    val: str | None = None
+    config: str = "vilbert-base"
+    init_from: str | None = None
+    init_text_from: str | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None
+    bert_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # < 1: fraction of the total steps; >= 1: a number of steps
+    epochs: float | None = None
+    steps: int | None = None
+    max_text_len: int = 36
+    max_regions: int = 36
+    clip_grad: float = 1.0
+    precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_every: int | None = None  # steps; None: at the end of every epoch
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+
+    def resolved(self) -> TrainArgs:
+        """A copy with the task defaults filled in, checked for consistency."""
+        if self.task not in TASKS:
+            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        d = TASK_DEFAULTS[self.task]
+        out = dataclasses.replace(
+            self,
+            batch_size=self.batch_size or d.batch_size,
+            lr=self.lr if self.lr is not None else d.lr,
+            epochs=self.epochs if (self.epochs is not None or self.steps is not None) else d.epochs,
+        )
+        if out.precision not in (None, "fp32", "bf16", "fp16"):
+            raise TrainingError(f"--precision {out.precision!r} must be fp32, bf16 or fp16")
+        if out.grad_accum < 1 or out.batch_size < 1:
+            raise TrainingError("--batch-size and --grad-accum must be at least 1")
+        if out.vocab is None:
+            raise TrainingError("--vocab is required: a vocab.txt or a Hugging Face tokenizer folder")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+def read_task_json(data: str) -> dict[str, Any] | None:
+    """TASKDIR/task.json beside the shards (None for URL lists without one)."""
+    path = Path(data)
+    candidates = [path / "task.json"] if path.is_dir() else [Path(data.split("{")[0]).parent / "task.json"]
+    for cand in candidates:
+        if cand.is_file():
+            return json.loads(cand.read_text(encoding="utf-8"))
+    return None
+
+
+def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
+    """Fail clearly when the shards were written for another task."""
+    if info is None:
+        return
+    expected = SHARD_TASK[task]
+    if info.get("task") != expected:
+        raise TrainingError(
+            f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
+            f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
+        )
+
+
+def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
+    """The VQA answer list beside the shards, if any."""
+    if info is None or not info.get("answer_vocab"):
+        return None
+    path = Path(data) / info["answer_vocab"] if Path(data).is_dir() else None
+    return path if path is not None and path.is_file() else None
+
+
+LoaderFactory = Callable[[str, int, int], Iterable[dict[str, Any]]]  # (source, epoch, per-rank batch)
+
+
+def default_loader_factory(args: TrainArgs, ctx: DistContext, *, train: bool = True) -> LoaderFactory:
+    """Loaders over task shards from pipelines.datasets, split by rank and worker, seeded per epoch."""
+    from pipelines.datasets import make_loader
+
+    def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+        return make_loader(
+            source,
+            task=args.task if args.task != "pretrain" else "pretrain",
+            vocab=args.vocab,
+            batch_size=batch_size,
+            max_text_len=args.max_text_len,
+            max_regions=args.max_regions,
+            shuffle=train,
+            shuffle_buffer=args.shuffle_buffer,
+            num_workers=args.num_workers,
+            seed=args.seed + epoch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+
+    return factory
+
+
+class BatchStream:
+    """Batches across epochs with a resumable position (epoch, batches taken in that epoch)."""
+
+    def __init__(self, factory: LoaderFactory, source: str, batch_size: int, ctx: DistContext) -> None:
+        self.factory, self.source, self.batch_size, self.ctx = factory, source, batch_size, ctx
+        self.epoch = 0
+        self.in_epoch = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def seek(self, epoch: int, in_epoch: int) -> None:
+        """Start reading at a saved position: the epoch's loader is rebuilt and `in_epoch` batches skipped."""
+        self.epoch, self.in_epoch = epoch, 0
+        self._it = iter(self.factory(self.source, epoch, self.batch_size))
+        for _ in range(in_epoch):
+            if next(self._it, None) is None:
+                break
+            self.in_epoch += 1
+
+    def next(self) -> dict[str, Any]:
+        """The next batch; when any rank's epoch ends, every rank starts the next epoch together."""
+        for _attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.factory(self.source, self.epoch, self.batch_size))
+            batch = next(self._it, None)
+            if all_reduce_min(self.ctx, 0.0 if batch is None else 1.0) > 0:
+                self.in_epoch += 1
+                return batch
+            if self.in_epoch == 0:
+                break
+            self.epoch, self.in_epoch, self._it = self.epoch + 1, 0, None
+        raise TrainingError(f"{self.source}: the data source yields no training samples (epoch {self.epoch})")
+
+
+# --------------------------------------------------------------------------------------------- model
+def load_tokenizer(vocab: str, max_text_len: int) -> Any:
+    """The WordPiece tokenizer of --vocab (a vocab.txt or a tokenizer folder), with a clear error."""
+    from pipelines.tokenization import TextTokenizer
+
+    try:
+        return TextTokenizer.from_pretrained(vocab, max_len=max_text_len)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainingError(f"--vocab {vocab}: {err}") from None
+
+
+def masking_spec(tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
+    """MLM masking settings from the tokenizer: [MASK] id, vocabulary size, never-masked ids."""
+    return MaskingSpec(
+        mask_token_id=tokenizer.mask_id,
+        vocab_size=tokenizer.vocab_size,
+        special_token_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id),
+        generator=generator,
+    )
+
+
+def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) -> Any:
+    """The config of a freshly built model: a preset adapts to the data, a config file must match it."""
+    from vilbert_core import ViLBERTConfig
+
+    if args.config in ("vilbert-base", "tiny"):
+        cfg = ViLBERTConfig.preset(args.config)
+        # a preset built from scratch takes the vocabulary and feature size of the data
+        cfg.vocab_size = vocab_size
+        if feature_dim is not None:
+            cfg.v_feature_size = feature_dim
+        cfg.v_target_size = 1601
+        return cfg
+    if not Path(args.config).is_file():
+        raise TrainingError(f"--config {args.config!r} is neither a preset (vilbert-base, tiny) nor a file")
+    cfg = ViLBERTConfig.from_json_file(args.config)
+    cfg.vocab_size = vocab_size
+    return cfg
+
+
+def check_model_matches(cfg: Any, vocab_size: int, feature_dim: int | None, where: str, vocab: str) -> None:
+    """Clear errors for a vocabulary or feature size that the model was not built for."""
+    if cfg.vocab_size != vocab_size:
+        raise TrainingError(
+            f"{where} was trained with a vocabulary of {cfg.vocab_size} tokens but --vocab {vocab} has "
+            f"{vocab_size}: pass the vocabulary the checkpoint was trained with"
+        )
+    if feature_dim is not None and cfg.v_feature_size != feature_dim:
+        hint = (
+            " Released ViLBERT checkpoints expect 2048-d res5 features: extract with --feature-layer res5."
+            if cfg.v_feature_size == 2048
+            else ""
+        )
+        raise TrainingError(
+            f"the region features are {feature_dim}-d but {where} expects v_feature_size="
+            f"{cfg.v_feature_size}.{hint}"
+        )
+
+
+def build_model(
+    args: TrainArgs,
+    vocab_size: int,
+    feature_dim: int | None,
+    num_answers: int | None,
+    resume_dir: Path | None,
+) -> tuple[nn.Module, set[str]]:
+    """The model to train and the names of its BERT-initialised parameters (for the lr multiplier)."""
+    from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
+
+    cls = ViLBERTForPretraining if args.task == "pretrain" else ViLBERTForTasks
+    kwargs = {} if args.task == "pretrain" else {"num_answers": num_answers or 1}
+    bert_names: set[str] = set()
+    source = resume_dir or (Path(args.init_from) if args.init_from else None)
+    if source is not None:
+        model = cls.from_pretrained(str(source), **kwargs)
+        check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
+    else:
+        cfg = resolve_config(args, vocab_size, feature_dim)
+        check_model_matches(cfg, vocab_size, feature_dim, f"--config {args.config}", args.vocab)
+        if args.task != "pretrain":
+            cfg.num_answers = num_answers or 1
+        model = cls(cfg)
+    if args.init_text_from and resume_dir is None:
+        bert_names = set(load_bert_text_stream(model, args.init_text_from))
+    return model, bert_names
+
+
+def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
+    """Load a Hugging Face BERT folder into the text stream; returns the loaded parameter names."""
+    from vilbert_core import init_text_from_bert
+
+    try:
+        report = init_text_from_bert(model, bert_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainingError(f"--init-text-from {bert_dir}: {err}") from None
+    names = set(dict(model.named_parameters()))
+    return sorted(n for n in report.loaded if n in names)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def _precision(args: TrainArgs, device: torch.device) -> str:
+    """The autocast precision: fp32 on the CPU and bf16 on CUDA unless --precision says otherwise."""
+    if args.precision is not None:
+        if args.precision == "fp16" and device.type != "cuda":
+            raise TrainingError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        return args.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """An autocast context for bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _count_samples(info: dict[str, Any] | None) -> int | None:
+    """Number of training samples recorded in task.json, if any."""
+    if not info:
+        return None
+    counts = info.get("counts", {})
+    for key in ("samples", "records", "annotations", "pairs", "questions", "captions", "refs"):
+        if isinstance(counts.get(key), int) and counts[key] > 0:
+            return counts[key]
+    return None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable[dict[str, Any]], task: str, ctx: DistContext, precision: str
+) -> dict[str, float]:
+    """Mean validation score over a loader (all ranks' samples together)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), _autocast(precision, ctx.device):
+        for batch in loader:
+            scores = validation_scores(unwrap(model), batch_to_device(batch, ctx.device), task)
+            total += float(scores.sum())
+            count += int(scores.numel())
+    model.train(was_training)
+    summed = all_reduce_mean(ctx, torch.tensor([total, float(count)])) * ctx.world_size
+    total, count = float(summed[0]), int(round(float(summed[1])))
+    return {TASK_DEFAULTS[task].metric: total / count if count else float("nan"), "samples": count}
+
+
+def run_train(
+    args: TrainArgs | None = None, *, loader_factory: LoaderFactory | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary (steps, last losses, best metric, paths)."""
+    args = (args or TrainArgs(**kwargs)).resolved()
+    ctx = setup_distributed(args.device)
+    try:
+        return _train(args, ctx, loader_factory)
+    finally:
+        teardown_distributed(ctx)
+
+
+def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | None) -> dict[str, Any]:
+    """The body of run_train once the process group is up."""
+    run_dir = Path(args.out)
+    ckpt_root = run_dir / "checkpoints"
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- data: task check, vocabulary, answers, feature size
+    info = read_task_json(args.data)
+    check_task_json(info, args.task, args.data)
+    if args.val:
+        check_task_json(read_task_json(args.val), args.task, args.val)
+    tokenizer = load_tokenizer(args.vocab, args.max_text_len)
+    answers = answers_file(args.data, info)
+    num_answers = len(json.loads(answers.read_text(encoding="utf-8"))) if answers else None
+    if args.task == "vqa" and num_answers is None and args.init_from is None:
+        raise TrainingError(f"{args.data}: VQA shards need their answers.json (answer_vocab in task.json)")
+    feature_dim = (info or {}).get("features", {}).get("feature_dim")
+
+    per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
+    if per_rank * ctx.world_size * args.grad_accum != args.batch_size:
+        raise TrainingError(
+            f"--batch-size {args.batch_size} must be a multiple of world size x grad accum = "
+            f"{ctx.world_size} x {args.grad_accum}"
+        )
+    factory = loader_factory or default_loader_factory(args, ctx)
+    stream = BatchStream(factory, args.data, per_rank, ctx)
+
+    # -- total steps: --steps, or epochs x samples per epoch
+    if args.steps is not None:
+        total_steps = args.steps
+    else:
+        n = _count_samples(info)
+        if n is None:
+            raise TrainingError(
+                f"{args.data}: the sample count is unknown (no task.json counts); pass --steps"
+            )
+        total_steps = max(1, math.ceil(args.epochs * n / args.batch_size))
+    warmup_steps = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+
+    # -- resume point
+    resume_dir = latest_checkpoint(ckpt_root) if args.resume else None
+    if args.resume and resume_dir is None and ctx.is_main:
+        print(f"--resume: no checkpoint under {ckpt_root}; starting from scratch")
+    state = load_trainer_state(resume_dir) if resume_dir else None
+
+    _seed_everything(args.seed + ctx.rank)
+    model, bert_names = build_model(args, tokenizer.vocab_size, feature_dim, num_answers, resume_dir)
+    if state is not None:
+        bert_names = set(state.get("bert_param_names", []))
+    model.to(ctx.device)
+    model.train()
+    optimizer = build_optimizer(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        bert_param_names=bert_names,
+        bert_lr_mult=args.bert_lr_mult,
+    )
+    scheduler = warmup_linear_schedule(optimizer, warmup_steps, total_steps)
+    precision = _precision(args, ctx.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
+    masking = masking_spec(tokenizer, mask_gen) if args.task == "pretrain" else None
+
+    step, samples_seen = 0, 0
+    best = {"metric": None, "step": None}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, samples_seen = state["step"], state["samples_seen"]
+        best = state.get("best", best)
+        stream.seek(state["epoch"], state["in_epoch"])
+        rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
+        # after the loader is rebuilt: building it may draw from the global RNG
+        restore_rng_state(rng, {"masking": mask_gen})
+    elif args.resume is False and ctx.is_main and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)  # a fresh run in an old folder must not resume from stale checkpoints
+
+    train_model: nn.Module = model
+    if ctx.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+
+    if ctx.is_main:
+        _write_run_files(
+            args, run_dir, model, answers, num_answers, feature_dim, total_steps, warmup_steps, precision, ctx
+        )
+    log = (
+        MetricsLog(run_dir, resume_step=step if state else None, tensorboard=args.tensorboard)
+        if ctx.is_main
+        else None
+    )
+
+    def trainer_state() -> dict[str, Any]:
+        """Everything but the model needed to continue exactly where the run is."""
+        rngs = gather_objects(ctx, capture_rng_state({"masking": mask_gen}))
+        return {
+            "step": step,
+            "samples_seen": samples_seen,
+            "epoch": stream.epoch,
+            "in_epoch": stream.in_epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": rngs,
+            "best": best,
+            "bert_param_names": sorted(bert_names),
+            "world_size": ctx.world_size,
+        }
+
+    def checkpoint() -> Path | None:
+        """Save checkpoints/step-N (all ranks take part in gathering RNG states)."""
+        st = trainer_state()
+        path = None
+        if ctx.is_main:
+            protect = ckpt_root / f"step-{best['step']}" if best["step"] is not None else None
+            path = save_checkpoint(ckpt_root, step, model, st, keep=args.keep_checkpoints, protect=protect)
+        barrier(ctx)
+        return path
+
+    def last_good() -> str:
+        """Where the newest complete checkpoint is, for error messages."""
+        ck = latest_checkpoint(ckpt_root)
+        return str(ck) if ck else "none was written yet"
+
+    val_factory = None
+    if args.val:
+        val_factory = (
+            default_loader_factory(args, ctx, train=False) if loader_factory is None else loader_factory
+        )
+
+    bar = None
+    if ctx.is_main and args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total_steps, initial=step, desc=f"train {args.task}", unit="step", dynamic_ncols=True
+        )
+    last: dict[str, float] = {}
+    t_last = time.perf_counter()
+    samples_since = 0
+    try:
+        while step < total_steps:
+            epoch_before = stream.epoch
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(args.grad_accum):
+                batch = batch_to_device(stream.next(), ctx.device)
+                sync = micro == args.grad_accum - 1 or not ctx.distributed
+                with (
+                    contextlib.nullcontext() if sync else train_model.no_sync(),
+                    _autocast(precision, ctx.device),
+                ):
+                    losses = compute_losses(train_model, batch, args.task, masking)
+                scaler.scale(losses["loss"] / args.grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+                samples_since += batch_size_of(batch) * ctx.world_size
+                samples_seen += batch_size_of(batch) * ctx.world_size
+
+            keys = sorted(sums)
+            mean = all_reduce_mean(ctx, torch.stack([sums[k] for k in keys]))
+            last = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+            if not math.isfinite(last["loss"]):
+                raise TrainingDiverged(
+                    f"the loss became {last['loss']} at step {step + 1}; training stopped. The last good "
+                    f"checkpoint is {last_good()} (continue from it with --resume, e.g. with a lower --lr)"
+                )
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = max(scheduler.get_last_lr())  # the fresh parameters' rate (BERT ones run at a multiple)
+            scheduler.step()
+            step += 1
+
+            now = time.perf_counter()
+            if ctx.is_main:
+                rate = samples_since / max(now - t_last, 1e-9)
+                if step % args.log_every == 0 or step == total_steps:
+                    record = {
+                        "step": step,
+                        "epoch": stream.epoch,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "samples": samples_seen,
+                        "samples_per_s": rate,
+                    }
+                    record.update({("loss" if k == "loss" else f"loss_{k}"): v for k, v in last.items()})
+                    log.write(record)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", ep=stream.epoch
+                    )
+                    bar.update(1)
+            t_last, samples_since = now, 0
+
+            # the step that crossed into a new epoch closes the previous one
+            epoch_ended = stream.epoch != epoch_before
+            do_eval = val_factory is not None and (
+                (args.eval_every and step % args.eval_every == 0)
+                or (not args.eval_every and epoch_ended)
+                or step == total_steps
+            )
+            if do_eval:
+                scores = evaluate(train_model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
+                metric = scores[TASK_DEFAULTS[args.task].metric]
+                if ctx.is_main:
+                    log.write({"step": step, "split": "val", **scores})
+                if best["metric"] is None or (math.isfinite(metric) and metric > best["metric"]):
+                    best = {"metric": metric, "step": step}
+                    if ctx.is_main:
+                        _save_best(run_dir, model, step, scores)
+                    barrier(ctx)
+            if step % args.checkpoint_every == 0 or step == total_steps:
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+    if ctx.is_main:
+        model.save_pretrained(run_dir)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    barrier(ctx)
+    return {
+        "run_dir": str(run_dir),
+        "steps": step,
+        "samples": samples_seen,
+        "last": last,
+        "best": best,
+        "precision": precision,
+        "world_size": ctx.world_size,
+    }
+
+
+def _save_best(run_dir: Path, model: nn.Module, step: int, scores: dict[str, float]) -> None:
+    """Replace RUNDIR/best/ atomically with the current model and its validation scores."""
+    tmp = run_dir / f".best.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unwrap(model).save_pretrained(tmp)
+    _write_json_atomic(tmp / "val_metrics.json", {"step": step, **scores})
+    final = run_dir / "best"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _write_run_files(
+    args: TrainArgs,
+    run_dir: Path,
+    model: nn.Module,
+    answers: Path | None,
+    num_answers: int | None,
+    feature_dim: int | None,
+    total_steps: int,
+    warmup_steps: int,
+    precision: str,
+    ctx: DistContext,
+) -> None:
+    """config.json and train_args.json, which `vilbert-data eval` reads (docs/contracts.md section 6)."""
+    unwrap(model).config.to_json_file(run_dir / "config.json")
+    answers_copy = None
+    if answers is not None:
+        answers_copy = run_dir / "answers.json"
+        shutil.copyfile(answers, answers_copy)
+    record = {
+        **dataclasses.asdict(args),
+        "vocab": str(Path(args.vocab).resolve()),
+        "data": args.data,
+        "num_answers": num_answers,
+        "answers_file": str(answers_copy.resolve()) if answers_copy else None,
+        "answers_source": str(answers.resolve()) if answers else None,
+        "config_name": args.config,
+        "feature_dim": feature_dim,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "precision_used": precision,
+        "world_size": ctx.world_size,
+    }
+    _write_json_atomic(run_dir / "train_args.json", record)
