@@ -1,0 +1,279 @@
+"""End-to-end `run_eval` on task shards written in the contract's on-disk format (docs/contracts.md s.3).
+
+Models with a zeroed head make every prediction known in advance (all answers the same class, all
+regions or pairs tied), so each metric can be worked out by hand from the annotations written here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
+from vilbert_core.evaluation.evaluator import run_eval
+from vilbert_core.evaluation.loading import EvalError
+from vilbert_core.evaluation.metrics import vqa_question_accuracy
+
+D = 16  # region feature size of these tests
+WORDS = ["what", "is", "the", "color", "how", "many", "dogs", "a", "cat", "red", "two", "on", "grass", "sits",
+         "man", "why", "because", "he", "is", "happy", "sad", "yes", "no"]  # fmt: skip
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def write_task_dir(root: Path, task: str, split: str, images: list[tuple[str, int, list[dict]]],
+                   answers: list[str] | None = None) -> Path:  # fmt: skip
+    """A TASKDIR: one sample per (image id, region count, records), task.json, answers.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(images))
+    with wds.TarWriter(str(root / "task-000000.tar")) as sink:
+        for image_id, k, records in images:
+            x1 = rng.uniform(0, 50, k)
+            boxes = np.stack([x1, x1, x1 + 20, x1 + 30], 1).astype(np.float32)
+            spatial = np.concatenate([boxes / 100, np.full((k, 1), 0.06)], 1).astype(np.float32)
+            prob = rng.dirichlet(np.ones(1601), k).astype(np.float16)
+            sink.write(
+                {
+                    "__key__": image_id,
+                    "features.npy": _npy(rng.uniform(0, 2, (k, D)).astype(np.float16)),
+                    "spatial.npy": _npy(spatial),
+                    "boxes.npy": _npy(boxes),
+                    "cls_prob.npy": _npy(prob),
+                    "meta.json": json.dumps(
+                        {"image_id": image_id, "width": 100, "height": 100, "num_boxes": k}
+                    ),
+                    "ann.json": json.dumps(records),
+                }
+            )
+    if answers is not None:
+        (root / "answers.json").write_text(json.dumps(answers))
+    info = {
+        "task": task,
+        "split": split,
+        "counts": {"images": len(images), "records": sum(len(r) for _, _, r in images)},
+        "features": {"dataset_json_sha256": "0" * 64, "feature_layer": "res4", "feature_dim": D},
+        "answer_vocab": "answers.json" if answers is not None else None,
+        "num_answers": len(answers) if answers is not None else None,
+        "shards": ["task-000000.tar"],
+    }
+    (root / "task.json").write_text(json.dumps(info))
+    return root
+
+
+def write_run(
+    root: Path, model: torch.nn.Module, task: str, vocab: Path, answers: list[str] | None = None
+) -> Path:
+    """A run directory as `vilbert-data train` leaves it (contract s.6): weights, config, train_args.json."""
+    model.save_pretrained(root)
+    answers_file = None
+    if answers is not None:
+        answers_file = root / "answers.json"
+        answers_file.write_text(json.dumps(answers))
+    args = {"task": task, "vocab": str(vocab), "num_answers": len(answers) if answers else None,
+            "answers_file": str(answers_file) if answers_file else None, "max_text_len": 20, "max_regions": 36}  # fmt: skip
+    (root / "train_args.json").write_text(json.dumps(args))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS), "?", "."]) + "\n"
+    )
+    return path
+
+
+def tiny(vocab: Path, **overrides: object) -> ViLBERTConfig:
+    """The tiny preset sized for these shards and this vocabulary."""
+    n = len(vocab.read_text().split())
+    return ViLBERTConfig.preset("tiny", vocab_size=n, v_feature_size=D, **overrides)
+
+
+def zero_linear(linear: torch.nn.Linear, bias: list[float] | float = 0.0) -> None:
+    """Make a head constant: zero weights, the given bias."""
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.as_tensor(bias, dtype=linear.bias.dtype).expand_as(linear.bias))
+
+
+def vqa_record(qid: int, answers: list[str], answer_type: str) -> dict:
+    return {"question_id": qid, "question": "how many dogs ?", "answers": answers, "answer_type": answer_type,
+            "question_type": "how many", "labels": [], "scores": []}  # fmt: skip
+
+
+def test_eval_vqa_constant_answer(tmp_path: Path, vocab: Path) -> None:
+    answers = ["yes", "no", "2", "red"]
+    data = write_task_dir(
+        tmp_path / "vqa_val",
+        "vqa",
+        "val",
+        [
+            (
+                "img_a",
+                5,
+                [vqa_record(11, ["2"] * 10, "number"), vqa_record(12, ["two"] * 3 + ["3"] * 7, "number")],
+            ),
+            (
+                "img_b",
+                3,
+                [vqa_record(13, ["yes"] * 10, "yes/no"), vqa_record(14, ["2"] + ["no"] * 9, "other")],
+            ),
+        ],
+        answers,
+    )
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(tiny(vocab, num_answers=4))
+    last = [m for m in model.vqa_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    zero_linear(last, [0.0, 0.0, 5.0, 0.0])  # always answers "2"
+    run = write_run(tmp_path / "run", model, "vqa", vocab, answers)
+
+    res = run_eval("vqa", run, data, tmp_path / "report", batch_size=3, device="cpu", progress=False)
+    m = res["splits"]["val"]
+    # per question: 1 (all "2"), 0.9 (3 of 10 "two" -> "2", leave-one-out), 0 ("yes"), 0.3 (one "2")
+    assert m["overall"] == 55.0
+    assert m["per_answer_type"] == {"number": 95.0, "other": 30.0, "yes/no": 0.0}
+    assert m["num_questions"] == 4
+    # the official submission format, every question once, read back from the file
+    sub = json.loads((tmp_path / "report" / "vqa_predictions_val.json").read_text())
+    assert sub == [{"question_id": q, "answer": "2"} for q in (11, 12, 13, 14)]
+    on_disk = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert on_disk["splits"]["val"]["overall"] == 55.0 and on_disk["model_kind"] == "tasks"
+    assert "| overall | 55.00 |" in (tmp_path / "report" / "report.md").read_text()
+    png = tmp_path / "report" / "accuracy_by_answer_type_val.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_refcoco_ties_pick_first_region_per_split(tmp_path: Path, vocab: Path) -> None:
+    def ref(i: int, iou: list[float]) -> dict:
+        return {
+            "ref_id": i,
+            "sent_id": i,
+            "sentence": "the man on the grass",
+            "gt_box": [0, 0, 10, 10],
+            "iou": iou,
+        }
+
+    val = write_task_dir(
+        tmp_path / "val",
+        "refcoco",
+        "val",
+        [("a", 3, [ref(1, [0.7, 0.9, 0.1])]), ("b", 2, [ref(2, [0.3, 0.95])])],
+    )
+    test_a = write_task_dir(tmp_path / "testA", "refcoco", "testA", [("c", 2, [ref(3, [0.5, 0.2])])])
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(tiny(vocab))
+    zero_linear(model.region_head)  # all region scores tie: the first detected region wins
+    run = write_run(tmp_path / "run", model, "refcoco", vocab)
+
+    res = run_eval(
+        "refcoco", run, [val, test_a], tmp_path / "report", batch_size=2, device="cpu", progress=False
+    )
+    # val: region 1 of ref 1 has IoU 0.7 (right), of ref 2 IoU 0.3 (wrong); testA: IoU exactly 0.5 (right)
+    assert res["splits"]["val"]["accuracy"] == pytest.approx(50.0)
+    assert res["splits"]["testA"]["accuracy"] == pytest.approx(100.0)
+    assert res["splits"]["all"] == {"accuracy": pytest.approx(200 / 3), "num_refs": 3}
+    preds = json.loads((tmp_path / "report" / "refcoco_predictions_val.json").read_text())
+    assert [(p["ref_id"], p["region"], p["correct"]) for p in preds] == [(1, 0, True), (2, 0, False)]
+
+
+def test_eval_vcr_joint(tmp_path: Path, vocab: Path) -> None:
+    def rec(i: int, a: int, r: int) -> dict:
+        return {"annot_id": f"val-{i}", "question": "why is the man happy ?", "answer_choices": ["yes", "no", "he is", "a cat"],
+                "rationale_choices": ["because", "red", "grass", "two"], "answer_label": a, "rationale_label": r}  # fmt: skip
+
+    data = write_task_dir(
+        tmp_path / "vcr",
+        "vcr",
+        "val",
+        [("a", 4, [rec(1, 0, 0), rec(2, 0, 2)]), ("b", 3, [rec(3, 1, 0), rec(4, 3, 3)])],
+    )
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(tiny(vocab))
+    zero_linear(model.pair_head)  # the 4 choices tie: choice 0 is picked at both stages
+    run = write_run(tmp_path / "run", model, "vcr", vocab)
+    m = run_eval("vcr", run, data, tmp_path / "report", batch_size=3, device="cpu", progress=False)["splits"][
+        "val"
+    ]
+    # answers right for 1, 2; rationales right for 1, 3; both only for 1
+    assert (m["q_a"], m["qa_r"], m["q_ar"]) == (50.0, 50.0, 25.0)
+    preds = json.loads((tmp_path / "report" / "vcr_predictions_val.json").read_text())
+    assert preds["val-1"]["q_a_probs"] == pytest.approx([0.25] * 4)
+
+
+@pytest.mark.parametrize("kind", ["tasks", "pretraining"])
+def test_eval_retrieval_ties_and_zero_shot(tmp_path: Path, vocab: Path, kind: str) -> None:
+    caps = [[{"caption": "a dog sits on the grass"}, {"caption": "two dogs"}], [{"caption": "a red cat"}],
+            [{"caption": "a man"}, {"caption": "the happy man"}]]  # fmt: skip
+    data = write_task_dir(
+        tmp_path / "ret", "retrieval", "test", [(f"im{i}", 3 + i, c) for i, c in enumerate(caps)]
+    )
+    torch.manual_seed(0)
+    if kind == "tasks":
+        model = ViLBERTForTasks(tiny(vocab))
+        zero_linear(model.pair_head)
+    else:
+        model = ViLBERTForPretraining(tiny(vocab, v_target_size=1601))
+        zero_linear(model.align_head)
+    run = write_run(tmp_path / "run", model, "retrieval" if kind == "tasks" else "pretrain", vocab)
+    res = run_eval("retrieval", run, data, tmp_path / "report", batch_size=4, device="cpu", progress=False)
+    m = res["splits"]["test"]
+    # every score ties, so ranks follow indices: captions -> images 0,0,1,2,2 rank at 0,0,1,2,2;
+    # images' first own captions are captions 0, 2, 3
+    assert m["image_retrieval"] == pytest.approx({"r1": 40.0, "r5": 100.0, "r10": 100.0})
+    assert m["text_retrieval"] == pytest.approx({"r1": 100 / 3, "r5": 100.0, "r10": 100.0})
+    assert m["image_retrieval_100cand"] == m["image_retrieval"]  # fewer than 100 candidates: all of them
+    assert m["num_images"] == 3 and m["num_captions"] == 5
+    assert m["zero_shot"] is (kind == "pretraining")
+    assert (tmp_path / "report" / "recall_at_k_test.png").is_file()
+
+
+def test_eval_pretrain_metrics_and_errors(tmp_path: Path, vocab: Path) -> None:
+    from pipelines.datasets import TaskDataset
+
+    caps = [[{"caption": "a dog sits on the grass"}, {"caption": "two dogs on the grass"}],
+            [{"caption": "a red cat sits"}], [{"caption": "a happy man"}, {"caption": "the sad man sits"}]]  # fmt: skip
+    data = write_task_dir(tmp_path / "cap", "captions", "val", [(f"im{i}", 4, c) for i, c in enumerate(caps)])
+    torch.manual_seed(0)
+    model = ViLBERTForPretraining(tiny(vocab, v_target_size=1601))
+    zero_linear(model.align_head, 1.0)  # always "matches": alignment accuracy = share of aligned pairs
+    run = write_run(tmp_path / "run", model, "pretrain", vocab)
+    m = run_eval("pretrain", run, data, tmp_path / "report", batch_size=2, device="cpu", progress=False)[
+        "splits"
+    ]["val"]
+    labels = [x for b in TaskDataset(str(data), "captions", vocab, batch_size=2, shuffle_buffer=1, max_text_len=20)
+              for x in b["align_label"].tolist()]  # fmt: skip
+    assert m["pairs"] == 5
+    assert m["alignment_accuracy"] == pytest.approx(100.0 * sum(labels) / len(labels))
+    assert m["perplexity"] >= 1.0 and 0.0 <= m["masked_token_accuracy"] <= 100.0
+    assert m["masked_region_kl"] >= 0.0
+    again = run_eval("pretrain", run, data, tmp_path / "report2", batch_size=2, device="cpu", progress=False)
+    assert again["splits"]["val"] == m  # seeded masking and negatives: the same numbers
+    with pytest.raises(EvalError, match="VQA head"):
+        run_eval("vqa", run, data, tmp_path / "r3", device="cpu", progress=False)
+    with pytest.raises(EvalError, match="'captions'"):
+        tasks_run = write_run(tmp_path / "run_t", ViLBERTForTasks(tiny(vocab)), "vcr", vocab)
+        run_eval("vcr", tasks_run, data, tmp_path / "r4", device="cpu", progress=False)
+
+
+def test_vqa_submission_round_trip_matches_metrics(tmp_path: Path, vocab: Path) -> None:
+    """A random (untrained) head: metrics.json equals the official metric recomputed from the files."""
+    answers = ["yes", "no", "2", "red"]
+    recs = [vqa_record(i, ["yes"] * 4 + ["no"] * 3 + ["2"] * 3, "yes/no") for i in range(6)]
+    data = write_task_dir(tmp_path / "v", "vqa", "val", [("a", 4, recs[:3]), ("b", 5, recs[3:])], answers)
+    torch.manual_seed(3)
+    run = write_run(tmp_path / "run", ViLBERTForTasks(tiny(vocab, num_answers=4)), "vqa", vocab, answers)
+    res = run_eval("vqa", run, data, tmp_path / "rep", batch_size=4, device="cpu", progress=False)
+    sub = json.loads((tmp_path / "rep" / "vqa_predictions_val.json").read_text())
+    accs = [vqa_question_accuracy(p["answer"], recs[p["question_id"]]["answers"]) for p in sub]
+    assert res["splits"]["val"]["overall"] == round(100 * sum(accs) / len(accs), 2)
