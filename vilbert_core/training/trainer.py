@@ -117,6 +117,7 @@ class TrainArgs:
     resume: bool = False
     seed: int = 0
     num_workers: int = 2
+    resampled: bool = False  # draw shards with replacement, a fixed number of batches per rank and epoch
     shuffle_buffer: int = 1000
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -179,25 +180,37 @@ def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
 LoaderFactory = Callable[[str, int, int], Iterable[dict[str, Any]]]  # (source, epoch, per-rank batch)
 
 
-def default_loader_factory(args: TrainArgs, ctx: DistContext, *, train: bool = True) -> LoaderFactory:
-    """Loaders over task shards from pipelines.datasets, split by rank and worker, seeded per epoch."""
+def default_loader_factory(
+    args: TrainArgs, ctx: DistContext, *, train: bool = True, steps_per_epoch: int | None = None
+) -> LoaderFactory:
+    """Loaders over task shards (pipelines.datasets), split by rank and worker, reshuffled per epoch.
+
+    With `resampled` (multi-rank runs), each rank draws shards with replacement and yields exactly
+    steps_per_epoch x grad_accum batches per epoch.
+    """
     from pipelines.datasets import make_loader
 
+    resampled = train and args.resampled and steps_per_epoch is not None
+
     def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
-        return make_loader(
-            source,
-            task=args.task if args.task != "pretrain" else "pretrain",
-            vocab=args.vocab,
-            batch_size=batch_size,
-            max_text_len=args.max_text_len,
-            max_regions=args.max_regions,
-            shuffle=train,
-            shuffle_buffer=args.shuffle_buffer,
-            num_workers=args.num_workers,
-            seed=args.seed + epoch,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
+        try:
+            loader = make_loader(
+                source,
+                SHARD_TASK[args.task],
+                args.vocab,
+                batch_size=batch_size,
+                max_text_len=args.max_text_len,
+                max_regions=args.max_regions,
+                shuffle_buffer=args.shuffle_buffer if train else 0,
+                seed=args.seed,
+                resampled=resampled,
+                steps=steps_per_epoch * args.grad_accum if resampled else None,
+                num_workers=args.num_workers,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainingError(f"{source}: {err}") from None
+        loader.dataset.set_epoch(epoch)
+        return loader
 
     return factory
 
@@ -359,14 +372,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _count_samples(info: dict[str, Any] | None) -> int | None:
-    """Number of training samples recorded in task.json, if any."""
+def _count_samples(info: dict[str, Any] | None, task: str) -> int | None:
+    """Training examples per epoch from task.json counts (VCR: two stages per question)."""
     if not info:
         return None
     counts = info.get("counts", {})
-    for key in ("samples", "records", "annotations", "pairs", "questions", "captions", "refs"):
-        if isinstance(counts.get(key), int) and counts[key] > 0:
-            return counts[key]
+    for key in ("samples", "records"):
+        if isinstance(counts.get(key), int):
+            return counts[key] * (2 if task == "vcr" else 1)
     return None
 
 
@@ -432,19 +445,21 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             f"--batch-size {args.batch_size} must be a multiple of world size x grad accum = "
             f"{ctx.world_size} x {args.grad_accum}"
         )
-    factory = loader_factory or default_loader_factory(args, ctx)
-    stream = BatchStream(factory, args.data, per_rank, ctx)
-
     # -- total steps: --steps, or epochs x samples per epoch
+    n_samples = _count_samples(info, args.task)
+    if n_samples == 0:
+        raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
+    steps_per_epoch = math.ceil(n_samples / args.batch_size) if n_samples else None
     if args.steps is not None:
         total_steps = args.steps
+    elif steps_per_epoch is None:
+        raise TrainingError(f"{args.data}: the sample count is unknown (no task.json counts); pass --steps")
     else:
-        n = _count_samples(info)
-        if n is None:
-            raise TrainingError(
-                f"{args.data}: the sample count is unknown (no task.json counts); pass --steps"
-            )
-        total_steps = max(1, math.ceil(args.epochs * n / args.batch_size))
+        total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+    if args.resampled and steps_per_epoch is None:
+        raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
+    factory = loader_factory or default_loader_factory(args, ctx, steps_per_epoch=steps_per_epoch)
+    stream = BatchStream(factory, args.data, per_rank, ctx)
     warmup_steps = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
 
     # -- resume point

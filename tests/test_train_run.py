@@ -1,0 +1,222 @@
+"""`run_train` end to end on real task shards: run folder, logs, resume equality, NaN stop, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from shard_fixtures import make_image, write_feature_set, write_vocab
+
+from pipelines.shard_job import run_shard
+from vilbert_core import ViLBERTConfig, ViLBERTForPretraining
+from vilbert_core.training.distributed import DistContext
+from vilbert_core.training.metrics_log import read_metrics
+from vilbert_core.training.trainer import (
+    TrainArgs,
+    TrainingDiverged,
+    TrainingError,
+    default_loader_factory,
+    run_train,
+)
+
+WORDS = [
+    "a",
+    "dog",
+    "runs",
+    "brown",
+    "two",
+    "cats",
+    "sit",
+    "red",
+    "car",
+    "on",
+    "the",
+    "road",
+    "what",
+    "color",
+    "is",
+]
+SRC = "train2014/COCO_train2014_{:012d}.jpg"
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Captions and VQA task shards over 8 images with 16-d features, and a vocab.txt."""
+    root = tmp_path_factory.mktemp("train_data")
+    images = [make_image(f"img{i}", SRC.format(i), k=4 + i % 3, dim=DIM, seed=i) for i in range(8)]
+    feats = write_feature_set(root / "feats", images, per_shard=4)
+    files = {i: SRC.format(i) for i in range(8)}
+    phrases = ["a dog runs", "two cats sit", "a red car", "the brown dog", "a car on the road", "red cats"]
+    caps = [(i, phrases[(i + j) % len(phrases)]) for i in range(8) for j in range(2)]
+    coco = root / "captions.json"
+    coco.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "file_name": f} for i, f in files.items()],
+                "annotations": [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(caps)],
+            }
+        )
+    )
+    captions = root / "captions_train"
+    run_shard(feats, "captions", [coco], "train", captions, shard_size=2, progress=False)
+    return {
+        "feats": feats,
+        "captions": captions,
+        "vocab": write_vocab(root / "vocab.txt", WORDS),
+        "root": root,
+    }
+
+
+def _args(files: dict[str, Path], out: Path, **kw) -> TrainArgs:
+    """Tiny-model pretraining arguments for the test data (overridable)."""
+    base = dict(
+        task="pretrain",
+        data=str(files["captions"]),
+        out=str(out),
+        vocab=str(files["vocab"]),
+        config="tiny",
+        batch_size=4,
+        steps=6,
+        lr=1e-3,
+        warmup=2,
+        num_workers=0,
+        shuffle_buffer=8,
+        checkpoint_every=2,
+        progress=False,
+        seed=3,
+    )
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_run_folder_layout_logs_and_best(tmp_path, data):
+    out = tmp_path / "run"
+    summary = run_train(_args(data, out, val=str(data["captions"]), eval_every=3))
+    assert summary["steps"] == 6 and summary["precision"] == "fp32"
+    for name in ("config.json", "model.safetensors", "train_args.json", "metrics.jsonl", "curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    targs = json.loads((out / "train_args.json").read_text())
+    assert targs["task"] == "pretrain" and targs["config_name"] == "tiny"
+    assert targs["vocab"] == str(data["vocab"].resolve()) and targs["max_text_len"] == 36
+    assert targs["max_regions"] == 36 and targs["num_answers"] is None and "answers_file" in targs
+
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r.get("split", "train") == "train"]
+    val = [r for r in records if r.get("split") == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for r in train:  # the three pretraining losses are logged apart and summed
+        assert r["loss"] == pytest.approx(r["loss_mlm"] + r["loss_mrm"] + r["loss_align"], rel=1e-5)
+    # lr: warmup over 2 steps, then linear decay to 0 at step 6
+    assert [r["lr"] for r in train] == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [r["step"] for r in val] == [3, 6] and all(0 <= r["align_acc"] <= 1 for r in val)
+    best_step = json.loads((out / "best" / "val_metrics.json").read_text())["step"]
+    assert best_step in (3, 6)
+
+    # checkpoints keep the newest two; the final model loads back with the tokenizer's vocabulary size
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    model = ViLBERTForPretraining.from_pretrained(out)
+    assert (
+        model.config.vocab_size == len(data["vocab"].read_text().split())
+        and model.config.v_feature_size == DIM
+    )
+    ckpt = ViLBERTForPretraining.from_pretrained(out / "checkpoints" / "step-6")
+    for (n, a), (_, b) in zip(model.state_dict().items(), ckpt.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+class _Crash(RuntimeError):
+    """Stands for the process being killed."""
+
+
+def _crashing_factory(args: TrainArgs, after_batches: int):
+    """The real shard loader, which dies after `after_batches` batches in total (a killed run)."""
+    real = default_loader_factory(args, DistContext())
+    count = {"n": 0}
+
+    def factory(source, epoch, batch_size):
+        for batch in real(source, epoch, batch_size):
+            if count["n"] == after_batches:
+                raise _Crash("killed")
+            count["n"] += 1
+            yield batch
+
+    return factory
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data):
+    # 16 captions / batch 4: steps 5-8 run in the second epoch, with dropout and random masking
+    full = run_train(_args(data, tmp_path / "full", steps=8, checkpoint_every=3))
+    args = _args(data, tmp_path / "resumed", steps=8, checkpoint_every=3)
+    with pytest.raises(_Crash):
+        run_train(args, loader_factory=_crashing_factory(args.resolved(), after_batches=5))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-3").is_dir()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = run_train(_args(data, tmp_path / "resumed", steps=8, checkpoint_every=3, resume=True))
+    assert resumed["steps"] == full["steps"] == 8
+
+    a = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))  # steps 4-5 of the killed run were cut
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "loss_mlm", "loss_mrm", "loss_align", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    ma = ViLBERTForPretraining.from_pretrained(tmp_path / "full").state_dict()
+    mb = ViLBERTForPretraining.from_pretrained(tmp_path / "resumed").state_dict()
+    for name in ma:
+        torch.testing.assert_close(ma[name], mb[name], rtol=1e-6, atol=1e-7)
+
+
+def _nan_factory(args: TrainArgs, at_batch: int):
+    """The real loader with NaN region features from batch `at_batch` on."""
+    real = default_loader_factory(args, DistContext())
+    count = {"n": 0}
+
+    def factory(source, epoch, batch_size):
+        for batch in real(source, epoch, batch_size):
+            if count["n"] >= at_batch:
+                batch["image_feat"] = torch.full_like(batch["image_feat"], float("nan"))
+            count["n"] += 1
+            yield batch
+
+    return factory
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    args = _args(data, tmp_path / "run", steps=8, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"step 6.*checkpoints/step-4"):
+        run_train(args, loader_factory=_nan_factory(args.resolved(), at_batch=5))
+    assert (tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    good = ViLBERTForPretraining.from_pretrained(tmp_path / "run" / "checkpoints" / "step-4")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_clear_errors(tmp_path, data):
+    # shards of another task
+    with pytest.raises(TrainingError, match="task 'captions'.*--task vqa"):
+        run_train(_args(data, tmp_path / "a", task="vqa"))
+    # a checkpoint built for 2048-d res5 features, given 16-d features
+    ckpt = tmp_path / "ckpt2048"
+    vocab_size = len(data["vocab"].read_text().split())
+    cfg = ViLBERTConfig.preset("tiny", vocab_size=vocab_size, v_feature_size=2048, v_target_size=1601)
+    ViLBERTForPretraining(cfg).save_pretrained(ckpt)
+    with pytest.raises(TrainingError, match=r"16-d.*v_feature_size=2048.*--feature-layer res5"):
+        run_train(_args(data, tmp_path / "b", init_from=str(ckpt)))
+    # a checkpoint trained with another vocabulary
+    ckpt = tmp_path / "ckpt_vocab"
+    ViLBERTForPretraining(ViLBERTConfig.preset("tiny", vocab_size=999, v_feature_size=DIM)).save_pretrained(
+        ckpt
+    )
+    with pytest.raises(TrainingError, match=f"vocabulary of 999 tokens.*has {vocab_size}"):
+        run_train(_args(data, tmp_path / "c", init_from=str(ckpt)))
+    # an empty data source
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "task.json").write_text(json.dumps({"task": "captions", "counts": {"records": 0}, "shards": []}))
+    with pytest.raises(TrainingError, match="no training samples"):
+        run_train(_args(data, tmp_path / "d", data=str(empty)))
