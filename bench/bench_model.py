@@ -1,0 +1,257 @@
+"""ViLBERT training-step benchmark: samples/s, peak memory, model FLOPs utilisation.
+
+One step = forward + pretraining losses + backward + AdamW, on the paper config by default, batch 8,
+36 text tokens, 36+1 regions. Variants: attention through SDPA or the plain matmul-softmax path
+("eager"), fp32 or bf16 autocast. Each variant runs in its own subprocess so that its peak memory
+(peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA) is its own.
+
+Model FLOPs per sample are counted once with torch.utils.flop_counter on the meta device (no compute),
+and the machine's peak is measured with a large matmul in the same dtype, so the throughput reads as a
+fraction of peak (model FLOPs utilisation, MFU).
+
+Examples:
+    .venv/bin/python bench/bench_model.py                          # CPU, paper config, all 4 variants
+    .venv/bin/python bench/bench_model.py --device cuda --steps 20 --warmup 5
+    .venv/bin/python bench/bench_model.py --config tiny --steps 5  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vilbert_core import ViLBERTConfig, ViLBERTForPretraining  # noqa: E402
+
+VARIANTS = ("sdpa-fp32", "eager-fp32", "sdpa-bf16", "eager-bf16")
+
+
+def make_batch(
+    cfg: ViLBERTConfig, batch: int, tokens: int, regions: int, device: str
+) -> dict[str, torch.Tensor]:
+    """A random pretraining batch of the contract's shapes (region 0 = global [IMG] region)."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(batch, regions, cfg.v_target_size, generator=g)
+    target = target / target.sum(-1, keepdim=True)
+    batch_dict = {
+        "input_ids": torch.randint(1, cfg.vocab_size, (batch, tokens), generator=g),
+        "token_type_ids": torch.zeros(batch, tokens, dtype=torch.long),
+        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        "image_feat": torch.randn(batch, regions, cfg.v_feature_size, generator=g),
+        "image_loc": torch.rand(batch, regions, 5, generator=g),
+        "image_mask": torch.ones(batch, regions, dtype=torch.long),
+        "mlm_labels": torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g),
+        "image_target": target,
+        "align_label": torch.randint(0, 2, (batch,), generator=g).float(),
+    }
+    return {k: v.to(device) for k, v in batch_dict.items()}
+
+
+_MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
+
+
+def pretraining_loss(model: ViLBERTForPretraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLM cross-entropy + MRM KL + alignment BCE over every position (same cost as the trainer's worst case)."""
+    out = model(**{k: batch[k] for k in _MODEL_INPUTS})
+    mlm = torch.nn.functional.cross_entropy(
+        out.mlm_logits.flatten(0, 1).float(), batch["mlm_labels"].flatten()
+    )
+    log_p = out.mrm_logits.float().log_softmax(-1)
+    mrm = torch.nn.functional.kl_div(log_p, batch["image_target"], reduction="batchmean")
+    align = torch.nn.functional.binary_cross_entropy_with_logits(
+        out.align_logit.float(), batch["align_label"]
+    )
+    return mlm + mrm + align
+
+
+def count_flops_per_sample(cfg: ViLBERTConfig, batch: int, tokens: int, regions: int) -> float:
+    """Forward+backward FLOPs per sample, counted on the meta device (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = dataclasses.replace(cfg, attn_implementation="eager")  # counted as plain matmuls
+    with torch.device("meta"):
+        model = ViLBERTForPretraining(cfg).train()
+        data = make_batch(cfg, batch, tokens, regions, "meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pretraining_loss(model, data).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Measured dense matmul throughput (FLOP/s) of an n x n x n product in dtype."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM; unlike ru_maxrss it does not survive fork+exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    """Time `args.steps` training steps of one variant in this process; returns its figures."""
+    impl, precision = variant.split("-")
+    device = args.device
+    rss_start = _rss_bytes()  # torch alone holds ~0.7 GiB; the model's own memory is what comes on top
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset(args.config, attn_implementation=impl)
+    model = ViLBERTForPretraining(cfg).to(device).train()
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device == "cuda")
+    batch = make_batch(cfg, args.batch, args.tokens, args.regions, device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = pretraining_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rss_before = _rss_bytes()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss_bytes()
+    return {
+        "variant": variant,
+        "step_s_median": median,
+        "step_s_all": times,
+        "samples_per_s": args.batch / median,
+        "peak_memory_gib": peak / 2**30,
+        "rss_before_steps_gib": rss_before / 2**30,
+        "peak_over_import_gib": (peak - rss_start) / 2**30 if device == "cpu" else peak / 2**30,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    """Parse options, run each variant in a subprocess, print a table and optionally write JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="vilbert-base", help="ViLBERTConfig preset")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=36)
+    parser.add_argument("--regions", type=int, default=37, help="36 detected regions + the global [IMG] one")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {VARIANTS}")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument(
+        "--peak-size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 CUDA)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.child:  # one variant, figures as one JSON line on stdout
+        print(json.dumps(run_variant(args, args.child)))
+        return
+
+    cfg = ViLBERTConfig.preset(args.config)
+    flops = count_flops_per_sample(cfg, args.batch, args.tokens, args.regions)
+    n = args.peak_size or (8192 if args.device == "cuda" else 2048)
+    repeats = 20 if args.device == "cuda" else 3
+    peaks = {
+        "fp32": matmul_peak(args.device, torch.float32, n, repeats),
+        "bf16": matmul_peak(args.device, torch.bfloat16, n, repeats),
+    }
+    results = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]  # the child ignores --out
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"{variant} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["model_flops_per_sample"] = flops
+        row["achieved_flops_per_s"] = flops * row["samples_per_s"]
+        row["mfu_vs_measured_matmul_peak"] = row["achieved_flops_per_s"] / peaks[variant.split("-")[1]]
+        results.append(row)
+        print(
+            f"{variant:11s} {row['samples_per_s']:8.2f} samples/s  step {row['step_s_median']:.3f} s  "
+            f"peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_import_gib']:.2f} over import)  MFU {100 * row['mfu_vs_measured_matmul_peak']:.1f}%",
+            flush=True,
+        )
+    info = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "config": args.config,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "regions": args.regions,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "model_flops_per_sample": flops,
+        "matmul_peak_flops_per_s": peaks,
+        "matmul_peak_size": n,
+        "results": results,
+    }
+    print(
+        f"model FLOPs/sample (fwd+bwd): {flops / 1e9:.1f} GFLOP; matmul peak fp32 "
+        f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
