@@ -301,7 +301,124 @@ def vocab_cmd(
 
 # ---------------------------------------------------------------- eval, explain (owner: vilbert_core/evaluation)
 # COMMAND: eval
+@app.command("eval")
+def eval_cmd(
+    task: str = typer.Option(..., "--task", help="pretrain, vqa, vcr, refcoco or retrieval."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="A run directory of `vilbert-data train` (reads train_args.json), a save_pretrained folder, "
+        "or a reference pytorch_model.bin (then give --vocab, and --answers for vqa).",
+    ),
+    data: list[str] = typer.Option(
+        ...,
+        "--data",
+        help="TASKDIR written by `vilbert-data shard`; repeat for several splits (e.g. RefCOCO val, testA).",
+    ),
+    out: str = typer.Option(..., "--out", help="Report folder: metrics.json, report.md, plots, predictions."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="Samples (retrieval: image-caption pairs) per forward pass."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    vocab: str | None = typer.Option(
+        None, "--vocab", help="vocab.txt / tokenizer folder when --model has no train_args.json."
+    ),
+    answers: str | None = typer.Option(
+        None, "--answers", help="VQA answer list (answers.json) when --model has none."
+    ),
+    num_candidates: int = typer.Option(
+        100, "--num-candidates", help="Retrieval: candidates per query of the paper's protocol."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the retrieval candidate draws and the pretraining masks/negatives."
+    ),
+) -> None:
+    """Score a model with the task's official metrics; write metrics.json, report.md, plots and predictions.
+
+    vqa: official VQA accuracy (overall and per answer type) and the submission file [{"question_id", "answer"}].
+
+    vcr: Q->A, QA->R and Q->AR accuracy. refcoco: accuracy (top region IoU >= 0.5) per split.
+
+    retrieval: image and text retrieval R@1/5/10 over the full set and with 100 candidates per query; a pretraining model is scored zero-shot through its alignment head.
+
+    pretrain: masked-token accuracy, perplexity, masked-region KL and alignment accuracy.
+
+    Example: vilbert-data eval --task vqa --model runs/vqa --data tasks/vqa_val --out reports/vqa_val
+    """
+    from pathlib import Path
+
+    from vilbert_core.evaluation.evaluator import run_eval
+    from vilbert_core.evaluation.loading import EvalError
+
+    try:
+        record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
+                          num_candidates=num_candidates, seed=seed)  # fmt: skip
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
+    typer.echo(
+        f"wrote {out}/metrics.json, {out}/report.md" + "".join(f", {out}/{f}" for f in record["files"])
+    )
+
+
 # COMMAND: explain
+@app.command("explain")
+def explain_cmd(
+    model: str = typer.Option(
+        ..., "--model", help="A run directory, save_pretrained folder or reference checkpoint."
+    ),
+    features: str = typer.Option(
+        ..., "--features", help="Feature set folder written by `vilbert-data extract`."
+    ),
+    image_id: str = typer.Option(
+        ..., "--image-id", help="Image id in the feature set (see `vilbert-data inspect`)."
+    ),
+    text: str = typer.Option(..., "--text", help="A caption, question or referring expression."),
+    out: str = typer.Option(
+        "explain.png", "--out", help="PNG to write; the numbers go to the same name with .json."
+    ),
+    size: str = typer.Option("1200x900", "--size", help="Picture size in pixels, WIDTHxHEIGHT."),
+    image: str | None = typer.Option(None, "--image", help="The image file, when it moved since extraction."),
+    head: str = typer.Option(
+        "auto",
+        "--head",
+        help="What to report: auto, align (pretraining), vqa, refer (region ranking) or pair.",
+    ),
+    top_k: int = typer.Option(3, "--top-k", help="Regions drawn per word."),
+    vocab: str | None = typer.Option(None, "--vocab", help="vocab.txt when --model has no train_args.json."),
+    answers: str | None = typer.Option(None, "--answers", help="VQA answer list when --model has none."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Draw where the model looks: the image, its regions and, per word, the heaviest regions.
+
+    Per word: the regions with the largest text-to-image attention in the last co-attention layer, averaged over heads. Also shown: the alignment probability (pretraining model), the top VQA answers (VQA head) or the region ranking of a referring expression.
+
+    Example: vilbert-data explain --model runs/vqa --features feats/ --image-id photos_dog --text "what color is the dog?" --out dog.png
+    """
+    from vilbert_core.evaluation.explain import run_explain
+    from vilbert_core.evaluation.loading import EvalError
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        typer.echo(f"error: --size {size!r} must be WIDTHxHEIGHT, e.g. 1200x900", err=True)
+        raise typer.Exit(2) from None
+    try:
+        expl = run_explain(model, features, image_id, text, out, size=(w, h), image=image, head=head, top_k=top_k,
+                           vocab=vocab, answers=answers, device=device)  # fmt: skip
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    for word, picks in zip(expl.words, expl.word_regions, strict=True):
+        typer.echo(f"{word:>15}: " + ", ".join(f"box {i} ({w:.2f})" for i, w in picks))
+    if expl.alignment_probability is not None:
+        typer.echo(f"alignment probability: {expl.alignment_probability:.3f}")
+    for a, p in expl.vqa_answers or []:
+        typer.echo(f"answer {a!r}: {p:.3f}")
+    for rank, (i, p) in enumerate(expl.region_ranking or []):
+        typer.echo(f"#{rank + 1}: box {i} ({p:.3f})")
+    typer.echo(f"wrote {out}")
 
 
 # ---------------------------------------------------------------- demo (owner: README/demo)

@@ -277,3 +277,59 @@ def test_vqa_submission_round_trip_matches_metrics(tmp_path: Path, vocab: Path) 
     sub = json.loads((tmp_path / "rep" / "vqa_predictions_val.json").read_text())
     accs = [vqa_question_accuracy(p["answer"], recs[p["question_id"]]["answers"]) for p in sub]
     assert res["splits"]["val"]["overall"] == round(100 * sum(accs) / len(accs), 2)
+
+
+def test_cli_eval_of_a_tiny_model_trained_by_the_trainer(tmp_path: Path, vocab: Path) -> None:
+    """`vilbert-data train` library function for a few steps, then `vilbert-data eval` on its run directory."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from vilbert_core.training.trainer import run_train
+
+    answers = ["yes", "no", "2", "red"]
+
+    def rec(qid: int, q: str, ans: str, atype: str) -> dict:
+        return {"question_id": qid, "question": q, "answers": [ans] * 10, "answer_type": atype,
+                "question_type": "x", "labels": [answers.index(ans)], "scores": [1.0]}  # fmt: skip
+
+    recs = [rec(1, "how many dogs ?", "2", "number"), rec(2, "is the man happy ?", "yes", "yes/no"),
+            rec(3, "what is the color ?", "red", "other"), rec(4, "is the cat sad ?", "no", "yes/no")]  # fmt: skip
+    data = write_task_dir(
+        tmp_path / "vqa", "vqa", "train", [("img_a", 5, recs[:2]), ("img_b", 4, recs[2:])], answers
+    )
+    run_train(task="vqa", data=str(data), out=str(tmp_path / "run"), vocab=str(vocab), config="tiny", steps=6,
+              batch_size=4, lr=3e-3, warmup=0.0, num_workers=0, progress=False, tensorboard=False, device="cpu",
+              max_text_len=20)  # fmt: skip
+
+    report = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--task",
+            "vqa",
+            "--model",
+            str(tmp_path / "run"),
+            "--data",
+            str(data),
+            "--out",
+            str(report),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "| overall |" in result.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["trained_task"] == "vqa" and metrics["model_kind"] == "tasks"
+    sub = json.loads((report / "vqa_predictions_train.json").read_text())
+    assert [p["question_id"] for p in sub] == [1, 2, 3, 4] and all(p["answer"] in answers for p in sub)
+    # every human gave the same answer: a question scores 100 exactly when the prediction is that answer
+    right = [p["answer"] == recs[p["question_id"] - 1]["answers"][0] for p in sub]
+    assert metrics["splits"]["train"]["overall"] == round(100 * sum(right) / 4, 2)
+
+    bad = CliRunner().invoke(app, ["eval", "--task", "vqa", "--model", str(tmp_path / "nowhere"), "--data", str(data),
+                                   "--out", str(report)])  # fmt: skip
+    assert bad.exit_code == 2 and "no such file or folder" in bad.output
