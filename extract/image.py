@@ -44,7 +44,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-        grey = np.nan_to_num(scaled, nan=0.0).clip(0, 255).astype(np.uint8)
+        grey = np.rint(np.nan_to_num(scaled, nan=0.0)).clip(0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
@@ -82,32 +82,36 @@ def load_image(
             Image.MAX_IMAGE_PIXELS = old_limit
 
 
+def _reason_for(error: OSError) -> str:
+    """Map Pillow's OSError texts to a contract reason."""
+    text = str(error).lower()
+    if "truncated" in text or "premature end" in text:
+        return "truncated"
+    if "not available" in text or "unsupported" in text or "not supported" in text or "cannot handle" in text:
+        return "unsupported"
+    return "corrupt"
+
+
 def _decode(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     """Open, check, load and convert one encoded image."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as e:
-            raise ImageDecodeError("not_an_image", f"{name}: Pillow cannot identify an image format") from e
-        if max_pixels is not None and img.width * img.height > max_pixels:
-            raise ImageDecodeError(
-                "too_large", f"{name}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}"
-            )
-        try:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageDecodeError(
+                    "too_large", f"{name}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}"
+                )
             img.seek(0)  # first frame of GIF/APNG/WebP animations
             img.load()
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError("not_an_image", f"{name}: Pillow cannot identify an image format") from e
         except OSError as e:
-            text = str(e).lower()
-            if "truncated" in text or "premature end" in text or "broken data stream" in text:
-                reason = "truncated"
-            elif "not available" in text or "unsupported" in text or "not supported" in text:
-                reason = "unsupported"
-            else:
-                reason = "corrupt"
-            raise ImageDecodeError(reason, f"{name}: {e}") from e
-        except (SyntaxError, ValueError, IndexError, struct.error) as e:
-            raise ImageDecodeError("corrupt", f"{name}: {e}") from e
+            raise ImageDecodeError(_reason_for(e), f"{name}: {e}") from e
+        except (SyntaxError, ValueError, IndexError, struct.error, EOFError) as e:
+            raise ImageDecodeError("corrupt", f"{name}: {type(e).__name__}: {e}") from e
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose a decodable image
