@@ -91,6 +91,18 @@ def compute_losses(
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
+class TaskLossModule(nn.Module):
+    """The model plus its task loss in one forward, so that DDP sees exactly the outputs the loss uses."""
+
+    def __init__(self, model: nn.Module, task: str, masking: MaskingSpec | None = None) -> None:
+        super().__init__()
+        self.model, self.task, self.masking = model, task, masking
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one batch (see compute_losses)."""
+        return compute_losses(self.model, batch, self.task, self.masking)
+
+
 @torch.no_grad()
 def validation_scores(model: nn.Module, batch: dict[str, Any], task: str) -> torch.Tensor:
     """Per-sample validation score in [0, 1] (higher is better); for pretraining the alignment accuracy."""

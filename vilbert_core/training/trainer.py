@@ -49,7 +49,7 @@ from .distributed import (
 )
 from .metrics_log import MetricsLog, plot_curves
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import TASKS, MaskingSpec, batch_size_of, batch_to_device, compute_losses, validation_scores
+from .tasks import TASKS, MaskingSpec, TaskLossModule, batch_size_of, batch_to_device, validation_scores
 
 # The shard task each training task reads (`vilbert-data shard --task ...`).
 SHARD_TASK = {
@@ -503,12 +503,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     elif args.resume is False and ctx.is_main and ckpt_root.exists():
         shutil.rmtree(ckpt_root)  # a fresh run in an old folder must not resume from stale checkpoints
 
-    train_model: nn.Module = model
+    # DDP wraps model + loss: heads another task uses (computed but not in the loss) then count as unused
+    train_model: nn.Module = TaskLossModule(model, args.task, masking)
     if ctx.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model,
+            train_model,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=True,
+            find_unused_parameters=args.task != "pretrain",
         )
 
     if ctx.is_main:
@@ -580,7 +581,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
                     contextlib.nullcontext() if sync else train_model.no_sync(),
                     _autocast(precision, ctx.device),
                 ):
-                    losses = compute_losses(train_model, batch, args.task, masking)
+                    losses = train_model(batch)
                 scaler.scale(losses["loss"] / args.grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
@@ -633,7 +634,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
                 or step == total_steps
             )
             if do_eval:
-                scores = evaluate(train_model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
+                scores = evaluate(model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
                 metric = scores[TASK_DEFAULTS[args.task].metric]
                 if ctx.is_main:
                     log.write({"step": step, "split": "val", **scores})
