@@ -297,6 +297,87 @@ def vocab_cmd(
 
 # ---------------------------------------------------------------- train (owner: vilbert_core/training)
 # COMMAND: train
+@app.command("train")
+def train_cmd(
+    task: str = typer.Option(..., "--task", help="pretrain, vqa, vcr, refcoco or retrieval."),
+    data: str = typer.Option(
+        ..., "--data", help="Training TASKDIR written by `shard` (pretrain: captions shards), or shard URLs/brace pattern."
+    ),
+    out: str = typer.Option(..., "--out", help="Run folder RUNDIR (model, checkpoints/, metrics.jsonl, curves.png)."),
+    vocab: str = typer.Option(
+        ..., "--vocab", help="WordPiece vocab.txt or tokenizer folder (e.g. from `vilbert-data vocab`)."
+    ),
+    val: str | None = typer.Option(
+        None, "--val", help="Validation TASKDIR: evaluated each epoch (or --eval-every); best model kept in RUNDIR/best/."
+    ),
+    config: str = typer.Option(
+        "vilbert-base", "--config", help="Model config: vilbert-base (the paper), tiny, or a config.json file."
+    ),
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Start from a checkpoint: a RUNDIR/save_pretrained folder or a reference pytorch_model.bin."
+    ),
+    init_text_from: str | None = typer.Option(
+        None, "--init-text-from", help="Hugging Face BERT folder to initialise the text stream from (as the paper)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Global batch per optimiser step, over all processes and accumulation [task default]."
+    ),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches accumulated per optimiser step."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate [task default: paper]."),
+    bert_lr_mult: float = typer.Option(
+        0.1, "--bert-lr-mult", help="Learning-rate multiplier of the parameters loaded by --init-text-from."
+    ),
+    warmup: float = typer.Option(0.1, "--warmup", help="Linear warmup: a fraction of the steps (<1) or a step count."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Epochs [task default: paper]; ignored with --steps."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
+    max_text_len: int = typer.Option(36, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
+    max_regions: int = typer.Option(36, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="fp32, bf16 or fp16 (CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU]."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in RUNDIR/checkpoints/."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (shuffling, masking, dropout, init)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes per rank."),
+    resampled: bool = typer.Option(
+        False, "--resampled", help="Draw shards with replacement: equal batches per rank (many-GPU runs)."
+    ),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a checkpoint every N steps (and at the end)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N steps [each epoch]."),
+    clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient-norm clipping threshold."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
+
+    Tasks: pretrain (masked language + masked region modelling + alignment on captions shards), vqa, vcr, refcoco, retrieval. Batch, learning rate and epochs default to the paper's per task; AdamW (weight decay 0.01), linear warmup then linear decay, gradient clipping. Writes RUNDIR/config.json, model.safetensors, train_args.json, checkpoints/step-N/, metrics.jsonl, curves.png, and best/ with --val. A NaN loss stops the run and names the last good checkpoint; --resume continues a killed run exactly.
+
+    Several processes (DDP; NCCL on GPUs, gloo on CPUs): torchrun --nproc_per_node 4 -m cli train ... ; --batch-size stays the global batch.
+
+    Example: vilbert-data train --task vqa --data vqa_train/ --val vqa_val/ --vocab vocab/ --config tiny --batch-size 32 --lr 1e-4 --epochs 5 --out runs/vqa
+    """
+    from vilbert_core.training import TrainArgs, TrainingError, run_train
+
+    args = TrainArgs(
+        task=task, data=data, out=out, vocab=vocab, val=val, config=config, init_from=init_from,
+        init_text_from=init_text_from, batch_size=batch_size, grad_accum=grad_accum, lr=lr, bert_lr_mult=bert_lr_mult,
+        warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
+        precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
+        clip_grad=clip_grad, progress=progress,
+    )  # fmt: skip
+    try:
+        summary = run_train(args)
+    except TrainingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    last = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["last"].items()))
+    best = summary["best"]
+    typer.echo(f"trained {summary['steps']} steps ({summary['samples']} samples, {summary['precision']}): {last}")
+    if best["metric"] is not None:
+        typer.echo(f"best validation {best['metric']:.4f} at step {best['step']} -> {out}/best/")
+    typer.echo(f"run folder: {out}")
+
 
 
 # ---------------------------------------------------------------- eval, explain (owner: vilbert_core/evaluation)
