@@ -50,26 +50,76 @@ class ShardError(ValueError):
 # ----------------------------------------------------------------------------- tar streaming
 
 
-def iter_tar_samples(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytes]]]:
+def _octal(field: bytes) -> int:
+    """Number in a tar header field (octal text, or base-256 for large GNU sizes)."""
+    if field and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header, if any."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
+
+
+def iter_tar_members(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, bytearray]]:
+    """(member name, bytes) of the regular files of an uncompressed tar stream, in order.
+
+    A small header parser instead of `tarfile`: reading WebDataset samples is the data loader's hot
+    loop and `tarfile`'s per-member Python overhead dominated it. Handles ustar (with prefix), GNU
+    long names and pax path records, which is what `tarfile` and `webdataset.TarWriter` write.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header == b"\0" * 512:
+            if 0 < len(header) < 512:
+                raise ShardError(f"{name}: truncated tar (partial header)")
+            return
+        if header[257:262] != b"ustar":
+            raise ShardError(f"{name}: not a tar file (no ustar header)")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = bytearray(size)  # writable: the loader wraps arrays around it without a copy
+        if stream.readinto(data) < size:
+            raise ShardError(f"{name}: truncated tar (member cut short)")
+        stream.read(-size % 512)  # padding to the next 512-byte block
+        if kind in (b"L", b"x"):  # GNU long name / pax header: they name the next member
+            long_name = bytes(data).rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(bytes(data))
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue  # directories, links, global pax headers: not sample data
+        member = long_name
+        if member is None:
+            prefix = header[345:500].split(b"\0", 1)[0]
+            base = header[0:100].split(b"\0", 1)[0]
+            member = (prefix + b"/" + base if prefix else base).decode("utf-8")
+        long_name = None
+        yield member, data
+
+
+def iter_tar_samples(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytearray]]]:
     """(key, {member suffix: bytes}) for each WebDataset sample of a tar stream, in file order."""
     key: str | None = None
-    sample: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, suffix = base.partition(".")  # key = everything before the first dot
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if k != key:
-                    if key is not None:
-                        yield key, sample
-                    key, sample = k, {}
-                sample[suffix] = data
-    except tarfile.TarError as exc:
-        raise ShardError(f"{name}: unreadable tar: {exc}") from exc
+    sample: dict[str, bytearray] = {}
+    for member, data in iter_tar_members(stream, name):
+        base = member.rsplit("/", 1)[-1]
+        k, _, suffix = base.partition(".")  # key = everything before the first dot
+        if k != key:
+            if key is not None:
+                yield key, sample
+            key, sample = k, {}
+        sample[suffix] = data
     if key is not None:
         yield key, sample
 
