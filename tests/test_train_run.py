@@ -220,3 +220,17 @@ def test_clear_errors(tmp_path, data):
     (empty / "task.json").write_text(json.dumps({"task": "captions", "counts": {"records": 0}, "shards": []}))
     with pytest.raises(TrainingError, match="no training samples"):
         run_train(_args(data, tmp_path / "d", data=str(empty)))
+
+
+def test_cli_train_runs_and_reports_errors(tmp_path, data):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    common = ["train", "--data", str(data["captions"]), "--vocab", str(data["vocab"]), "--config", "tiny",
+              "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(app, [*common, "--task", "pretrain", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "trained 2 steps" in res.output and (tmp_path / "run" / "model.safetensors").is_file()
+    res = CliRunner().invoke(app, [*common, "--task", "refcoco", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--task refcoco needs 'refcoco' shards" in res.output

@@ -348,7 +348,7 @@ def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def _precision(args: TrainArgs, device: torch.device) -> str:
+def resolve_precision(args: TrainArgs, device: torch.device) -> str:
     """The autocast precision: fp32 on the CPU and bf16 on CUDA unless --precision says otherwise."""
     if args.precision is not None:
         if args.precision == "fp16" and device.type != "cuda":
@@ -357,7 +357,7 @@ def _precision(args: TrainArgs, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """An autocast context for bf16/fp16, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -397,7 +397,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), _autocast(precision, ctx.device):
+    with torch.no_grad(), autocast_context(precision, ctx.device):
         for batch in loader:
             scores = validation_scores(unwrap(model), batch_to_device(batch, ctx.device), task)
             total += float(scores.sum())
@@ -482,7 +482,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         bert_lr_mult=args.bert_lr_mult,
     )
     scheduler = warmup_linear_schedule(optimizer, warmup_steps, total_steps)
-    precision = _precision(args, ctx.device)
+    precision = resolve_precision(args, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
     masking = masking_spec(tokenizer, mask_gen) if args.task == "pretrain" else None
@@ -579,7 +579,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
                 sync = micro == args.grad_accum - 1 or not ctx.distributed
                 with (
                     contextlib.nullcontext() if sync else train_model.no_sync(),
-                    _autocast(precision, ctx.device),
+                    autocast_context(precision, ctx.device),
                 ):
                     losses = train_model(batch)
                 scaler.scale(losses["loss"] / args.grad_accum).backward()
