@@ -169,3 +169,27 @@ def test_explain_vqa_answers_and_refer_ranking(setup: dict, tmp_path: Path) -> N
             head="align",
             device="cpu",
         )
+
+
+def test_cli_explain(setup: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    torch.manual_seed(1)
+    run = _run_dir(
+        tmp_path / "run",
+        ViLBERTForPretraining(_cfg(setup["vocab"], v_target_size=1601)),
+        "pretrain",
+        setup["vocab"],
+    )
+    out = tmp_path / "cli.png"
+    args = ["explain", "--model", str(run), "--features", str(setup["features"]), "--image-id", "photos_dog",
+            "--text", "a red dog", "--out", str(out), "--size", "300x200", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "alignment probability:" in result.output and "dog:" in result.output
+    with Image.open(out) as im:
+        assert im.size == (300, 200)
+    bad = CliRunner().invoke(app, args[:-4] + ["--size", "300by200"])
+    assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output

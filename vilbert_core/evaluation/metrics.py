@@ -242,9 +242,8 @@ def sample_candidates_ranks(
     keys = torch.rand(n_cap, n_img, generator=gen)
     keys[cap_idx, own] = float("inf")
     n_neg = min(num_candidates - 1, n_img - 1)
-    order = keys.argsort(dim=1)
     chosen = torch.zeros(n_cap, n_img, dtype=torch.bool)
-    chosen.scatter_(1, order[:, :n_neg], True)
+    chosen.scatter_(1, keys.topk(n_neg, dim=1, largest=False).indices, True)  # topk: no full sort
     st = s.T  # (N_cap, N_img)
     pos = st[cap_idx, own]
     ahead = (st > pos[:, None]) | ((st == pos[:, None]) & (img_idx[None, :] < own[:, None]))
@@ -256,8 +255,10 @@ def sample_candidates_ranks(
     keys = torch.rand(n_img, n_cap, generator=gen).masked_fill(is_own, float("inf"))
     n_pos = is_own.sum(dim=1)
     n_neg = (num_candidates - n_pos).clamp(min=0).clamp(max=n_cap - n_pos)  # (N_img,)
-    neg_order = keys.argsort(dim=1).argsort(dim=1)  # position of each caption in the random order
-    chosen = neg_order < n_neg[:, None]
+    k_max = int(n_neg.max()) if n_img else 0
+    first = keys.topk(k_max, dim=1, largest=False, sorted=True).indices  # (N_img, k_max), smallest keys first
+    chosen = torch.zeros(n_img, n_cap, dtype=torch.bool)
+    chosen.scatter_(1, first, torch.arange(k_max)[None, :] < n_neg[:, None])  # each image keeps its own count
     best_score, best_idx = s.masked_fill(~is_own, float("-inf")).max(dim=1)
     ahead = (s > best_score[:, None]) | ((s == best_score[:, None]) & (cap_idx[None, :] < best_idx[:, None]))
     text_ranks = (ahead & chosen).sum(dim=1)
