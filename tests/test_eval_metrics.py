@@ -217,13 +217,24 @@ def _plain_ranks(s: torch.Tensor, own: torch.Tensor) -> tuple[list[int], list[in
     return img_ranks, txt_ranks
 
 
-def test_retrieval_ranks_match_sorting_loop() -> None:
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_retrieval_ranks_match_sorting_loop(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vilbert_core.evaluation.metrics as metrics
+
+    monkeypatch.setattr(metrics, "QUERY_CHUNK", chunk)  # queries are ranked in chunks of this many
     g = torch.Generator().manual_seed(1)
     s = torch.randint(0, 6, (8, 20), generator=g).float()  # small integers: many ties
     own = torch.arange(20) % 7  # image 7 has no caption
     img, txt = _plain_ranks(s, own)
     assert image_retrieval_ranks(s, own).tolist() == img
     assert text_retrieval_ranks(s, own).tolist() == txt
+    # every positive below every negative: the candidate ranks are exact whatever the draws
+    s2 = torch.ones(8, 20)
+    s2[own, torch.arange(20)] = 0.0
+    img_c, txt_c = sample_candidates_ranks(s2, own, num_candidates=5, seed=0)
+    assert img_c.tolist() == [4] * 20
+    n_own = torch.bincount(own, minlength=8)
+    assert txt_c.tolist() == [5 - int(n) if n else 20 for n in n_own]
 
 
 def test_candidate_protocol_exact_cases() -> None:

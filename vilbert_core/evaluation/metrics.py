@@ -178,18 +178,48 @@ def refcoco_correct(region_scores: object, region_iou: object, region_valid: obj
 
 
 # ----------------------------------------------------------------------------------------- retrieval
+QUERY_CHUNK = 1024  # queries ranked per step: memory stays at QUERY_CHUNK x pool size
+
+
+def _scores(scores: object) -> torch.Tensor:
+    """Scores as float32 (float64 kept): comparisons only, so no precision is lost on model outputs."""
+    s = _as_tensor(scores)
+    return s if s.dtype in (torch.float32, torch.float64) else s.float()
+
+
+def _ranks_in_rows(rows: torch.Tensor, pos_score: torch.Tensor, pos_idx: torch.Tensor,
+                   candidates: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Per row, how many (candidate) items rank before the positive: higher score, or equal and lower index.
+
+    rows: (Q,P) scores of each query's pool; pos_score, pos_idx: (Q,); candidates: (Q,P) bool or None (all).
+    """
+    cols = torch.arange(rows.shape[1])[None, :]
+    ahead = (rows > pos_score[:, None]) | ((rows == pos_score[:, None]) & (cols < pos_idx[:, None]))
+    if candidates is not None:
+        ahead &= candidates
+    return ahead.sum(dim=1)
+
+
+def _best_own(rows: torch.Tensor, is_own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and index of each row's best own item; max returns the first maximal index (the tie rule)."""
+    return rows.masked_fill(~is_own, float("-inf")).max(dim=1)
+
+
 def image_retrieval_ranks(scores: object, caption_image: object) -> torch.Tensor:
     """0-based rank of each caption's own image among all images -> (N_cap,) long.
 
     scores: (N_img, N_cap), higher = better match; caption_image: (N_cap,) index of each caption's image.
     Ties are broken by the lower image index (a stable descending sort).
     """
-    s = _as_tensor(scores, torch.float64)
+    s = _scores(scores)
     own = _as_tensor(caption_image).long()
-    n_img, n_cap = s.shape
-    pos = s[own, torch.arange(n_cap)]  # (N_cap,)
-    ahead = (s > pos[None, :]) | ((s == pos[None, :]) & (torch.arange(n_img)[:, None] < own[None, :]))
-    return ahead.sum(dim=0)
+    n_cap = s.shape[1]
+    out = []
+    for c in range(0, n_cap, QUERY_CHUNK):
+        cap = torch.arange(c, min(c + QUERY_CHUNK, n_cap))
+        rows = s[:, cap].T  # (Q, N_img)
+        out.append(_ranks_in_rows(rows, s[own[cap], cap], own[cap]))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def text_retrieval_ranks(scores: object, caption_image: object) -> torch.Tensor:
@@ -199,17 +229,17 @@ def text_retrieval_ranks(scores: object, caption_image: object) -> torch.Tensor:
     own caption is. Ties broken by the lower caption index, as in `image_retrieval_ranks`.
     Images with no caption get rank N_cap (never a hit).
     """
-    s = _as_tensor(scores, torch.float64)
+    s = _scores(scores)
     own = _as_tensor(caption_image).long()
     n_img, n_cap = s.shape
-    is_own = torch.zeros(n_img, n_cap, dtype=torch.bool)
-    is_own[own, torch.arange(n_cap)] = True
-    own_scores = s.masked_fill(~is_own, float("-inf"))
-    best_score, best_idx = own_scores.max(dim=1)  # max returns the first maximal index: the tie rule
-    cols = torch.arange(n_cap)[None, :]
-    ahead = (s > best_score[:, None]) | ((s == best_score[:, None]) & (cols < best_idx[:, None]))
-    ranks = ahead.sum(dim=1)
-    return torch.where(is_own.any(dim=1), ranks, torch.full_like(ranks, n_cap))
+    out = []
+    for c in range(0, n_img, QUERY_CHUNK):
+        img = torch.arange(c, min(c + QUERY_CHUNK, n_img))
+        is_own = own[None, :] == img[:, None]  # (Q, N_cap)
+        best_score, best_idx = _best_own(s[img], is_own)
+        ranks = _ranks_in_rows(s[img], best_score, best_idx)
+        out.append(torch.where(is_own.any(dim=1), ranks, torch.full_like(ranks, n_cap)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def recall_at_k(ranks: object, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
@@ -228,42 +258,44 @@ def sample_candidates_ranks(
     Image retrieval: each caption is ranked against its own image plus `num_candidates - 1` other images
     drawn uniformly without replacement. Text retrieval: each image is ranked against all its captions
     plus other captions drawn the same way up to `num_candidates`; a hit needs any own caption in the top K.
-    Draws come from a torch Generator seeded with `seed`, images' draws after captions' draws, so the
-    candidate sets are reproducible. When a pool is smaller than the candidate count every item is used.
+    Draws: a uniform key per (query, item) from a torch Generator seeded with `seed`, QUERY_CHUNK queries
+    at a time, captions' queries before images' queries; the smallest keys are drawn. So the candidate
+    sets are reproducible. When a pool is smaller than the candidate count every item is used.
     """
-    s = _as_tensor(scores, torch.float64)
+    s = _scores(scores)
     own = _as_tensor(caption_image).long()
     n_img, n_cap = s.shape
     gen = torch.Generator().manual_seed(seed)
-    img_idx = torch.arange(n_img)
-    cap_idx = torch.arange(n_cap)
 
-    # image retrieval: a random key per (caption, image); own image excluded; the smallest keys win
-    keys = torch.rand(n_cap, n_img, generator=gen)
-    keys[cap_idx, own] = float("inf")
+    # image retrieval: captions are the queries, images the pool (own image never drawn as a negative)
     n_neg = min(num_candidates - 1, n_img - 1)
-    chosen = torch.zeros(n_cap, n_img, dtype=torch.bool)
-    chosen.scatter_(1, keys.topk(n_neg, dim=1, largest=False).indices, True)  # topk: no full sort
-    st = s.T  # (N_cap, N_img)
-    pos = st[cap_idx, own]
-    ahead = (st > pos[:, None]) | ((st == pos[:, None]) & (img_idx[None, :] < own[:, None]))
-    image_ranks = (ahead & chosen).sum(dim=1)
+    image_ranks = []
+    for c in range(0, n_cap, QUERY_CHUNK):
+        cap = torch.arange(c, min(c + QUERY_CHUNK, n_cap))
+        q = torch.arange(cap.numel())
+        keys = torch.rand(cap.numel(), n_img, generator=gen)
+        keys[q, own[cap]] = float("inf")
+        chosen = torch.zeros(cap.numel(), n_img, dtype=torch.bool)
+        chosen.scatter_(1, keys.topk(n_neg, dim=1, largest=False).indices, True)  # topk: no full sort
+        image_ranks.append(_ranks_in_rows(s[:, cap].T, s[own[cap], cap], own[cap], chosen))
 
-    # text retrieval: every own caption is a candidate, negatives fill up to num_candidates
-    is_own = torch.zeros(n_img, n_cap, dtype=torch.bool)
-    is_own[own, cap_idx] = True
-    keys = torch.rand(n_img, n_cap, generator=gen).masked_fill(is_own, float("inf"))
-    n_pos = is_own.sum(dim=1)
-    n_neg = (num_candidates - n_pos).clamp(min=0).clamp(max=n_cap - n_pos)  # (N_img,)
-    k_max = int(n_neg.max()) if n_img else 0
-    first = keys.topk(k_max, dim=1, largest=False, sorted=True).indices  # (N_img, k_max), smallest keys first
-    chosen = torch.zeros(n_img, n_cap, dtype=torch.bool)
-    chosen.scatter_(1, first, torch.arange(k_max)[None, :] < n_neg[:, None])  # each image keeps its own count
-    best_score, best_idx = s.masked_fill(~is_own, float("-inf")).max(dim=1)
-    ahead = (s > best_score[:, None]) | ((s == best_score[:, None]) & (cap_idx[None, :] < best_idx[:, None]))
-    text_ranks = (ahead & chosen).sum(dim=1)
-    text_ranks = torch.where(n_pos > 0, text_ranks, torch.full_like(text_ranks, n_cap))
-    return image_ranks, text_ranks
+    # text retrieval: images are the queries; every own caption is a candidate, negatives fill up
+    text_ranks = []
+    for c in range(0, n_img, QUERY_CHUNK):
+        img = torch.arange(c, min(c + QUERY_CHUNK, n_img))
+        is_own = own[None, :] == img[:, None]  # (Q, N_cap)
+        keys = torch.rand(img.numel(), n_cap, generator=gen).masked_fill(is_own, float("inf"))
+        n_pos = is_own.sum(dim=1)
+        n_negs = (num_candidates - n_pos).clamp(min=0).clamp(max=n_cap - n_pos)  # (Q,)
+        k_max = int(n_negs.max())
+        first = keys.topk(k_max, dim=1, largest=False, sorted=True).indices  # (Q, k_max) smallest keys first
+        chosen = torch.zeros(img.numel(), n_cap, dtype=torch.bool)
+        chosen.scatter_(1, first, torch.arange(k_max)[None, :] < n_negs[:, None])  # each query its own count
+        best_score, best_idx = _best_own(s[img], is_own)
+        ranks = _ranks_in_rows(s[img], best_score, best_idx, chosen)
+        text_ranks.append(torch.where(n_pos > 0, ranks, torch.full_like(ranks, n_cap)))
+    empty = torch.zeros(0, dtype=torch.long)
+    return (torch.cat(image_ranks) if image_ranks else empty, torch.cat(text_ranks) if text_ranks else empty)
 
 
 def retrieval_metrics(
