@@ -2,8 +2,9 @@
 
 One step = forward + pretraining losses + backward + AdamW, on the paper config by default, batch 8,
 36 text tokens, 36+1 regions. Variants: attention through SDPA or the plain matmul-softmax path
-("eager"), fp32 or bf16 autocast. Each variant runs in its own subprocess so that its peak memory
-(peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA) is its own.
+("eager"), fp32 or bf16 autocast. Each precision runs in its own subprocess; inside it the two attention
+paths alternate step by step on one model, so that both see the same load on a shared machine. Peak
+memory is measured per step (peak RSS via VmHWM on the CPU, torch.cuda.max_memory_allocated on CUDA).
 
 Model FLOPs per sample are counted once with torch.utils.flop_counter on the meta device (no compute),
 and the machine's peak is measured with a large matmul in the same dtype, so the throughput reads as a
@@ -115,7 +116,7 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM; unlike ru_maxrss it does not survive fork+exec)."""
+    """Peak resident set size of this process since the last _reset_peak (VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -123,54 +124,73 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    """Time `args.steps` training steps of one variant in this process; returns its figures."""
-    impl, precision = variant.split("-")
+def _reset_peak(device: str) -> None:
+    """Start a fresh peak-memory window (Linux resets VmHWM when 5 is written to clear_refs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+
+
+def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) -> list[dict]:
+    """Time training steps of one precision, alternating the attention paths step by step.
+
+    Alternating (AB, BA, AB, ...) on one model in one process puts both paths under the same machine
+    load, which matters on a shared CPU; each step's peak memory is measured in its own window.
+    """
     device = args.device
     rss_start = _rss_bytes()  # torch alone holds ~0.7 GiB; the model's own memory is what comes on top
     torch.manual_seed(0)
-    cfg = ViLBERTConfig.preset(args.config, attn_implementation=impl)
+    cfg = ViLBERTConfig.preset(args.config)
     model = ViLBERTForPretraining(cfg).to(device).train()
-    if args.compile:
-        model = torch.compile(model)
+    step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device == "cuda")
     batch = make_batch(cfg, args.batch, args.tokens, args.regions, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-    def step() -> None:
+    def step(impl: str) -> tuple[float, int]:
+        model.set_attn_implementation(impl)
+        _sync(device)
+        _reset_peak(device)
+        start = time.perf_counter()
         with autocast:
-            loss = pretraining_loss(model, batch)
+            loss = pretraining_loss(step_model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    rss_before = _rss_bytes()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    median = sorted(times)[len(times) // 2]
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _peak_rss_bytes()
-    return {
-        "variant": variant,
-        "step_s_median": median,
-        "step_s_all": times,
-        "samples_per_s": args.batch / median,
-        "peak_memory_gib": peak / 2**30,
-        "rss_before_steps_gib": rss_before / 2**30,
-        "peak_over_import_gib": (peak - rss_start) / 2**30 if device == "cpu" else peak / 2**30,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-    }
+        return time.perf_counter() - start, _peak(device)
+
+    for _ in range(args.warmup):
+        for impl in impls:
+            step(impl)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    peaks: dict[str, int] = dict.fromkeys(impls, 0)
+    for i in range(args.steps):
+        for impl in impls if i % 2 == 0 else impls[::-1]:
+            seconds, peak = step(impl)
+            times[impl].append(seconds)
+            peaks[impl] = max(peaks[impl], peak)
+    rows = []
+    for impl in impls:
+        median = sorted(times[impl])[len(times[impl]) // 2]
+        rows.append(
+            {
+                "variant": f"{impl}-{precision}",
+                "step_s_median": median,
+                "step_s_all": times[impl],
+                "samples_per_s": args.batch / median,
+                "peak_memory_gib": peaks[impl] / 2**30,
+                "peak_over_import_gib": (peaks[impl] - (rss_start if device == "cpu" else 0)) / 2**30,
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -196,8 +216,9 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    if args.child:  # one variant, figures as one JSON line on stdout
-        print(json.dumps(run_variant(args, args.child)))
+    if args.child:  # one precision, its rows as one JSON line on stdout
+        precision, impls = args.child.split(":")
+        print(json.dumps(run_precision(args, precision, impls.split(","))))
         return
 
     cfg = ViLBERTConfig.preset(args.config)
@@ -208,25 +229,33 @@ def main() -> None:
         "fp32": matmul_peak(args.device, torch.float32, n, repeats),
         "bf16": matmul_peak(args.device, torch.bfloat16, n, repeats),
     }
-    results = []
-    for variant in args.variants.split(","):
+    wanted = args.variants.split(",")
+    for variant in wanted:
         if variant not in VARIANTS:
             parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]  # the child ignores --out
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(f"{variant} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    results = []
+    for precision in ("fp32", "bf16"):
+        impls = [v.split("-")[0] for v in wanted if v.endswith(precision)]
+        if not impls:
             continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["model_flops_per_sample"] = flops
-        row["achieved_flops_per_s"] = flops * row["samples_per_s"]
-        row["mfu_vs_measured_matmul_peak"] = row["achieved_flops_per_s"] / peaks[variant.split("-")[1]]
-        results.append(row)
-        print(
-            f"{variant:11s} {row['samples_per_s']:8.2f} samples/s  step {row['step_s_median']:.3f} s  "
-            f"peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_import_gib']:.2f} over import)  MFU {100 * row['mfu_vs_measured_matmul_peak']:.1f}%",
-            flush=True,
-        )
+        child = f"{precision}:{','.join(impls)}"
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", child]  # the child ignores --out
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:  # record the failure and go on with the other precision
+            print(f"{precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            results.append({"variant": child, "error": done.stderr[-2000:]})
+            continue
+        for row in json.loads(done.stdout.strip().splitlines()[-1]):
+            row["model_flops_per_sample"] = flops
+            row["achieved_flops_per_s"] = flops * row["samples_per_s"]
+            row["mfu_vs_measured_matmul_peak"] = row["achieved_flops_per_s"] / peaks[precision]
+            results.append(row)
+            print(
+                f"{row['variant']:11s} {row['samples_per_s']:8.2f} samples/s  step {row['step_s_median']:.3f} s  "
+                f"peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_import_gib']:.2f} over import)  "
+                f"MFU {100 * row['mfu_vs_measured_matmul_peak']:.1f}%",
+                flush=True,
+            )
     info = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
