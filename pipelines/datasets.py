@@ -98,12 +98,16 @@ def batches_for_worker(steps: int, worker: int, workers: int) -> int:
 # ----------------------------------------------------------------------------- decoding
 
 
-_NPY_HEADER = re.compile(rb"'descr':\s*'([^']+)',\s*'fortran_order':\s*(True|False),\s*'shape':\s*\(([^)]*)\)")
+_NPY_HEADER = re.compile(
+    rb"'descr':\s*'([^']+)',\s*'fortran_order':\s*(True|False),\s*'shape':\s*\(([^)]*)\)"
+)
 
 
 def _npy(data: bytes | bytearray) -> np.ndarray:
     """Decode .npy bytes (no pickles) as a view on `data`; falls back to numpy for unusual headers."""
     # np.load parses the header with ast.literal_eval, which was a third of the loader's time.
+    if not isinstance(data, bytearray):
+        data = bytearray(data)  # writable, so torch can wrap the arrays without warnings
     if data[:6] == b"\x93NUMPY" and data[6] in (1, 2):
         hlen_size = 2 if data[6] == 1 else 4
         hlen = int.from_bytes(data[8 : 8 + hlen_size], "little")
@@ -113,32 +117,59 @@ def _npy(data: bytes | bytearray) -> np.ndarray:
             shape = tuple(int(x) for x in m.group(3).split(b",") if x.strip())
             dtype = np.dtype(m.group(1).decode())
             if not dtype.hasobject:
-                return np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start + hlen).reshape(shape)
+                return np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start + hlen).reshape(
+                    shape
+                )
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @dataclass
 class Regions:
-    """One image's regions as stored (float16 or float32), plus its float32 [IMG] feature.
+    """One image's regions: the kept regions as stored (float16 or float32) and the [IMG] feature.
 
-    The [IMG] region is added by `collate`, which also converts to float32 while filling the batch,
-    so that every array is copied once.
+    `feat`, `loc`, `target` give the model-ready float32 arrays with [IMG] first, (R,D), (R,5),
+    (R,1601). `collate` reads the stored arrays directly and converts while filling the batch, so
+    that every array is copied once.
     """
 
-    global_feat: np.ndarray | None  # (D,) float32 mean of ALL regions; None: all kept, collate computes it
-    feat: np.ndarray  # (k,D) kept detected (and VCR ground-truth) regions
-    loc: np.ndarray  # (k,5)
-    target: np.ndarray  # (k,C) detector class distributions
+    raw_feat: np.ndarray  # (k,D) kept detected (and VCR ground-truth) regions, as stored
+    raw_loc: np.ndarray  # (k,5)
+    raw_target: np.ndarray  # (k,C) detector class distributions, as stored
+    raw_global: np.ndarray | None = None  # (D,) mean of ALL regions when some were cut; else computed
 
     @property
     def num_regions(self) -> int:
-        """Regions in the model's sequence: [IMG] + kept regions."""
-        return self.feat.shape[0] + 1
+        """Regions in the model's sequence R: [IMG] + kept regions."""
+        return self.raw_feat.shape[0] + 1
 
     @property
     def num_detected(self) -> int:
         """Kept regions after [IMG]."""
-        return self.feat.shape[0]
+        return self.raw_feat.shape[0]
+
+    @property
+    def global_feat(self) -> np.ndarray:
+        """(D,) float32 [IMG] feature: the mean of all the image's region features."""
+        if self.raw_global is not None:
+            return self.raw_global
+        return self.raw_feat.mean(axis=0, dtype=np.float32)
+
+    @property
+    def feat(self) -> np.ndarray:
+        """(R,D) float32 features, [IMG] first."""
+        return np.concatenate([self.global_feat[None], self.raw_feat.astype(np.float32)])
+
+    @property
+    def loc(self) -> np.ndarray:
+        """(R,5) float32 spatial vectors, [IMG] = [0, 0, 1, 1, 1] first."""
+        return np.concatenate([GLOBAL_SPATIAL[None], self.raw_loc.astype(np.float32)])
+
+    @property
+    def target(self) -> np.ndarray:
+        """(R,C) float32 class distributions, zeros for [IMG]."""
+        return np.concatenate(
+            [np.zeros((1, self.raw_target.shape[1]), np.float32), self.raw_target.astype(np.float32)]
+        )
 
 
 def build_regions(sample: dict[str, bytes], max_regions: int, with_gt: bool = False) -> Regions:
@@ -156,7 +187,7 @@ def build_regions(sample: dict[str, bytes], max_regions: int, with_gt: bool = Fa
         g = feat.mean(axis=0, dtype=np.float32) if feat.shape[0] else np.zeros(feat.shape[1], np.float32)
     if prob.ndim != 2:
         prob = prob.reshape(feat.shape[0], NUM_CLASSES)
-    return Regions(g, feat[:k], loc[:k], prob[:k])
+    return Regions(feat[:k], loc[:k], prob[:k], g)
 
 
 # ----------------------------------------------------------------------------- collation
@@ -194,8 +225,8 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
     regions = [r for ex in examples for r in ex["regions"]]
     n_img = len(first["regions"])
     r_max = max(r.num_regions for r in regions)
-    d = first["regions"][0].feat.shape[1]
-    n_cls = first["regions"][0].target.shape[1]
+    d = first["regions"][0].raw_feat.shape[1]
+    n_cls = first["regions"][0].raw_target.shape[1]
     # torch copies convert float16 -> float32 about 3x faster than numpy assignment.
     feat = torch.zeros(len(regions), r_max, d)
     loc = torch.zeros(len(regions), r_max, 5)
@@ -204,14 +235,14 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
     global_loc = torch.from_numpy(GLOBAL_SPATIAL)
     for i, r in enumerate(regions):
         n = r.num_regions
-        feat[i, 1:n].copy_(torch.from_numpy(r.feat))
-        if r.global_feat is None:
+        feat[i, 1:n].copy_(torch.from_numpy(r.raw_feat))
+        if r.raw_global is None:
             feat[i, 0] = feat[i, 1:n].mean(0)
         else:
-            feat[i, 0] = torch.from_numpy(r.global_feat)
+            feat[i, 0] = torch.from_numpy(r.raw_global)
         loc[i, 0] = global_loc
-        loc[i, 1:n].copy_(torch.from_numpy(r.loc))
-        target[i, 1:n].copy_(torch.from_numpy(r.target))
+        loc[i, 1:n].copy_(torch.from_numpy(r.raw_loc))
+        target[i, 1:n].copy_(torch.from_numpy(r.raw_target))
         img_mask[i, :n] = 1
     lead = (b, n_img) if n_img > 1 else (b,)
     batch["image_feat"] = feat.view(*lead, r_max, d)
@@ -352,7 +383,7 @@ class TaskDataset(IterableDataset):
 
     def _check_dim(self, url_key: str, regions: Regions) -> None:
         """Fail clearly when a sample's feature size differs from the expected one."""
-        d = regions.feat.shape[1]
+        d = regions.raw_feat.shape[1]
         if self.feature_dim is None:
             self.feature_dim, self._dim_source = d, f"the first sample read ({url_key})"
         elif d != self.feature_dim:
