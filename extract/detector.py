@@ -260,9 +260,8 @@ class Detector:
         parts: list[tuple[torch.Tensor, ...]] = []
         predictor = self.model.roi_heads.box_predictor
         for chunk in rois.split(HEAD_CHUNK):
-            pooled = roi_pool(
-                features, chunk.to(features.dtype), (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16
-            )
+            # float32 pooling: the CPU kernel has no bf16 version, and box coordinates must not be rounded
+            pooled = roi_pool(features.float(), chunk.float(), (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16)
             res5 = self.model.roi_heads.res5(pooled).mean(dim=(2, 3))  # (r, 2048)
             cls_logits, attr_logits = predictor(res5)
             parts.append(

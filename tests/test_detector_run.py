@@ -1,0 +1,155 @@
+"""End-to-end detector runs on real photographs: the output contract, given-box mode, determinism."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extract import Detections, Detector, DetectorConfig, spatial_features
+
+SMALL = dict(depth=50, min_size=96, max_size=160, pre_nms_topk=300, post_nms_topk=12)
+
+
+def random_detector(**overrides) -> Detector:
+    """A random-weight detector with the small test settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Detector.from_checkpoint(None, device="cpu", config=DetectorConfig(**{**SMALL, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    """Three real photographs shipped with scikit-image (no download needed)."""
+    skdata = pytest.importorskip("skimage.data")
+    return [
+        Image.fromarray(skdata.astronaut()),
+        Image.fromarray(skdata.coffee()),
+        Image.fromarray(skdata.chelsea()),
+    ]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    """res4 features (the default); building it must warn that the weights are random."""
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        return Detector.from_checkpoint(None, device="cpu", config=DetectorConfig(**SMALL))
+
+
+def variant(detector: Detector, **changes) -> Detector:
+    """The same weights with other settings (saves building another random model)."""
+    return Detector(detector.model, replace(detector.config, **changes), detector.device)
+
+
+@pytest.fixture(scope="module")
+def detections(detector, photos) -> list[Detections]:
+    """The three photographs in one forward pass."""
+    return detector.detect(photos)
+
+
+@pytest.fixture(scope="module")
+def single(detector, photos) -> Detections:
+    """The third photograph alone."""
+    return detector.detect([photos[2]])[0]
+
+
+def test_outputs_follow_the_contract(detections, photos):
+    assert len(detections) == len(photos)
+    for det, photo in zip(detections, photos, strict=True):
+        k = det.num_boxes
+        assert 10 <= k <= 36
+        assert (det.image_w, det.image_h) == photo.size
+        expected = {
+            "boxes": ((k, 4), np.float32),
+            "features": ((k, 1024), np.float32),
+            "spatial": ((k, 5), np.float32),
+            "cls_prob": ((k, 1601), np.float32),
+            "object_ids": ((k,), np.int64),
+            "object_conf": ((k,), np.float32),
+            "attr_ids": ((k,), np.int64),
+            "attr_conf": ((k,), np.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            arr = getattr(det, name)
+            assert arr.shape == shape and arr.dtype == dtype, name
+            assert np.isfinite(arr).all(), name
+        w, h = photo.size
+        b = det.boxes
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
+        np.testing.assert_allclose(det.cls_prob.sum(axis=1), 1.0, atol=1e-5)
+        # the object is the best non-background column, its confidence that column's probability
+        best = det.cls_prob[:, 1:].argmax(axis=1) + 1
+        np.testing.assert_array_equal(det.object_ids, best)
+        np.testing.assert_array_equal(det.object_conf, det.cls_prob[np.arange(k), best])
+        assert ((det.attr_ids >= 1) & (det.attr_ids <= 400)).all()
+        assert ((det.attr_conf > 0) & (det.attr_conf <= 1)).all()
+        np.testing.assert_array_equal(det.spatial, spatial_features(det.boxes, w, h))
+        assert len({tuple(r) for r in b.tolist()}) == k  # distinct regions
+
+
+def test_batch_gives_each_image_its_own_regions(detections):
+    # different photographs must not share boxes or features through the batch
+    assert not np.array_equal(detections[0].features[:5], detections[1].features[:5])
+
+
+def test_given_boxes_reproduce_the_detected_regions(detector, single, photos):
+    # the given-box path runs the same head: on the detected boxes it gives the same outputs
+    photo = photos[2]
+    given = detector.features_for_boxes(photo, single.boxes)
+    np.testing.assert_array_equal(given.boxes, single.boxes)
+    np.testing.assert_allclose(given.features, single.features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(given.cls_prob, single.cls_prob, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(given.attr_ids, single.attr_ids)
+    empty = detector.features_for_boxes(photo, np.zeros((0, 4)))
+    assert empty.features.shape == (0, 1024) and empty.cls_prob.shape == (0, 1601)
+    with pytest.raises(ValueError, match="shape"):
+        detector.features_for_boxes(photo, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="x2 < x1"):
+        detector.features_for_boxes(photo, [[10, 10, 5, 20]])
+
+
+def test_res4_feature_is_the_mean_of_the_pooled_cells(detector):
+    # a 224 x 224 input (scale 1) and a box covering exactly feature cells 0..13: RoIPool 14x14 gives
+    # one cell per bin, so the feature is the plain mean of those res4 cells
+    det = variant(detector, min_size=224, max_size=224)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (224, 224, 3), dtype=np.uint8))
+    out = det.features_for_boxes(img, [[0.0, 0.0, 208.0, 208.0]])
+    with torch.inference_mode():
+        res4 = det.backbone_features(det.preprocess([img]))[0]  # (1024, 14, 14)
+    expected = res4[:, :14, :14].mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(out.features[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_res5_layer_and_info(detector, photos):
+    det = variant(detector, feature_layer="res5", post_nms_topk=10)
+    (out,) = det.detect([photos[1]])
+    assert out.features.shape == (out.num_boxes, 2048) and out.num_boxes == 10
+    info = json.loads(json.dumps(det.info))
+    assert info["feature_layer"] == "res5" and info["feature_dim"] == 2048 and info["random_weights"] is True
+    assert info["checkpoint"] is None and info["sha256"] is None and info["depth"] == 50
+    for field in ("min_size", "max_size", "pre_nms_topk", "post_nms_topk", "nms_thresh", "conf_thresh"):
+        assert field in info
+
+
+def test_deterministic_on_cpu(single, photos):
+    # a second detector built from scratch (same fixed seed, other global RNG state) gives the same bytes
+    torch.manual_seed(1234)
+    again = random_detector().detect([photos[2]])[0]
+    for name in ("boxes", "features", "spatial", "cls_prob", "object_conf", "attr_conf"):
+        assert getattr(again, name).tobytes() == getattr(single, name).tobytes(), name
+
+
+def test_bf16_autocast_on_cpu(detector, photos):
+    det = variant(detector, autocast="bf16", post_nms_topk=10)
+    (out,) = det.detect([photos[2]])
+    assert out.features.dtype == np.float32 and np.isfinite(out.features).all()
+    assert out.num_boxes == 10
+    np.testing.assert_allclose(out.cls_prob.sum(axis=1), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="fp16"):
+        variant(detector, autocast="fp16")
