@@ -103,7 +103,7 @@ def extract_cmd(
     Example: vilbert-data extract --images photos/ --out feats/ --weights bua-caffe-frcn-r101-k10-100.pth
 
     Fast random-weight preview on a laptop CPU:
-    vilbert-data extract --images photos/ --out feats/ --depth 50 --min-size 256 --max-size 384 --max-proposals 50
+    vilbert-data extract --images photos/ --out feats/ --depth 50 --min-size 256 --max-size 384 --max-proposals 10
     """
     from pipelines.distributor import ExtractJobError
     from pipelines.extract_job import (

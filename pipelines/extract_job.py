@@ -150,6 +150,7 @@ def run_extract(
     settings = ShardSettings(batch_size=opts.batch_size, dtype=opts.dtype, feature_layer=opts.feature_layer)
 
     t0 = time.perf_counter()
+    t_ready = t0  # when the detector actors were up: what comes after is the steady extraction rate
     report = None
     if pending:
         started = connect_ray(opts.ray_address)
@@ -164,9 +165,13 @@ def run_extract(
             )
 
             def on_info(info: dict) -> None:
+                nonlocal t_ready
+                t_ready = time.perf_counter()
                 _check_detector(out_dir, job, info)
                 if info.get("random_weights"):
-                    print(
+                    from tqdm.auto import tqdm
+
+                    tqdm.write(
                         "WARNING: the detector has RANDOM weights (no --weights): the features are meaningless."
                     )
 
@@ -181,7 +186,8 @@ def run_extract(
     seconds = time.perf_counter() - t0
 
     all_stats = [read_shard_stats(out_dir, p) for p in plans]
-    dataset = _dataset_json(out_dir, images, opts, job, plans, all_stats, report, seconds, len(done))
+    timing = {"seconds": seconds, "startup_seconds": t_ready - t0 if report else 0.0}
+    dataset = _dataset_json(out_dir, images, opts, job, plans, all_stats, report, timing, len(done))
     atomic_write_json(out_dir / DATASET_FILE, dataset)
     failed = dataset["counts"]["failed"]
     return ExtractResult(out_dir, dataset, EXIT_SOME_FAILED if failed else EXIT_OK)
@@ -254,7 +260,8 @@ class _ProgressBar:
         self.failed = -1
 
     def __call__(self, ok: int, failed: int) -> None:
-        self.bar.update(ok + failed - self.bar.n)
+        if ok + failed != self.bar.n:  # an unchanged bar is not redrawn (quiet logs)
+            self.bar.update(ok + failed - self.bar.n)
         if failed != self.failed:
             self.failed = failed
             self.bar.set_postfix(failed=failed, refresh=False)
@@ -289,7 +296,7 @@ def _dataset_json(
     plans: list,
     stats: list[dict],
     report: Any,
-    seconds: float,
+    timing: dict[str, float],
     resumed: int,
 ) -> dict:
     """Assemble dataset.json (contract section 2)."""
@@ -316,8 +323,10 @@ def _dataset_json(
         "shards": len(plans),
         "shards_resumed": resumed,
         "images_this_run": processed,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(processed / seconds, 3) if processed and seconds > 0 else None,
+        "seconds": round(timing["seconds"], 3),
+        "startup_seconds": round(timing["startup_seconds"], 3),
+        "images_per_s": _rate(processed, timing["seconds"]),
+        "images_per_s_after_startup": _rate(processed, timing["seconds"] - timing["startup_seconds"]),
         "actors_replaced": report.actors_replaced if report else 0,
         "shard_retries": report.shard_retries if report else 0,
     }
@@ -340,6 +349,11 @@ def _dataset_json(
     }
 
 
+def _rate(n: int, seconds: float) -> float | None:
+    """Images per second, None when nothing was processed."""
+    return round(n / seconds, 3) if n and seconds > 0 else None
+
+
 def format_summary(dataset: dict) -> str:
     """A few terminal lines summarising a finished job."""
     s = dataset["summary"]
@@ -353,7 +367,8 @@ def format_summary(dataset: dict) -> str:
         lines.append("failed by reason: " + ", ".join(f"{r}={n}" for r, n in s["failed_by_reason"].items()))
     if s["images_per_s"] is not None:
         lines.append(
-            f"speed: {s['images_per_s']} images/s ({s['images_this_run']} images in {s['seconds']} s)"
+            f"speed: {s['images_per_s']} images/s ({s['images_this_run']} images in {s['seconds']} s; "
+            f"{s['images_per_s_after_startup']} images/s after {s['startup_seconds']} s of start-up)"
         )
     if s["actors_replaced"]:
         lines.append(f"workers replaced after dying: {s['actors_replaced']}")
