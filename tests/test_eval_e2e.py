@@ -297,7 +297,7 @@ def test_cli_eval_of_a_tiny_model_trained_by_the_trainer(tmp_path: Path, vocab: 
     data = write_task_dir(
         tmp_path / "vqa", "vqa", "train", [("img_a", 5, recs[:2]), ("img_b", 4, recs[2:])], answers
     )
-    run_train(task="vqa", data=str(data), out=str(tmp_path / "run"), vocab=str(vocab), config="tiny", steps=6,
+    run_train(task="vqa", data=str(data), out=str(tmp_path / "run"), vocab=str(vocab), config="tiny", steps=3,
               batch_size=4, lr=3e-3, warmup=0.0, num_workers=0, progress=False, tensorboard=False, device="cpu",
               max_text_len=20)  # fmt: skip
 

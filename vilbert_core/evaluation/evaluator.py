@@ -441,25 +441,21 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_report(task: str, model: str, results: dict[str, dict]) -> str:
-    """The metrics of every split as Markdown tables."""
+    """The metrics of every split as Markdown tables: scalar metrics first, then grouped ones."""
     lines = [f"# Evaluation: {task}", "", f"Model: `{model}`", ""]
     for split, m in results.items():
-        lines += [f"## {split}", ""]
-        if task == "retrieval":
-            lines += ["| protocol | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
-            for name, rec in m.items():
-                if isinstance(rec, dict):
-                    lines.append(f"| {name} | " + " | ".join(_fmt(rec[f"r{k}"]) for k in RECALL_KS) + " |")
+        lines += [f"## {split}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if not isinstance(v, dict)] + [""]
+        groups = {k: v for k, v in m.items() if isinstance(v, dict)}
+        if task == "retrieval" and groups:
+            lines += ["| protocol | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |", "|---|---|---|---|"]
+            for name, rec in groups.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(rec[f"r{k}"]) for k in RECALL_KS) + " |")
             lines.append("")
-            scalars = {k: v for k, v in m.items() if not isinstance(v, dict)}
         else:
-            scalars = {k: v for k, v in m.items() if not isinstance(v, dict)}
-            for name, sub in m.items():
-                if isinstance(sub, dict):
-                    lines += [f"| {name} | value |", "|---|---|"]
-                    lines += [f"| {k} | {_fmt(v)} |" for k, v in sub.items()] + [""]
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()] + [""]
+            for name, sub in groups.items():
+                lines += [f"| {name} | value |", "|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in sub.items()] + [""]
     return "\n".join(lines)
 
 

@@ -161,7 +161,8 @@ def explain_pair(
             f"{loaded.feature_dim}-d"
         )
     boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)[: regions.num_detected]  # (K,4)
-    ids, segments = loaded.tokenizer.encode(text)
+    enc = loaded.tokenizer.tokenizer.encode(text)  # the same encoding as TextTokenizer.encode, with offsets
+    ids, segments = enc.ids, enc.type_ids
     dev = loaded.device
     inputs = {
         "input_ids": torch.tensor([ids], device=dev),
@@ -175,7 +176,10 @@ def explain_pair(
     if not out.co_attentions:
         raise EvalError("the model has no co-attention layers (with_coattention is off): nothing to draw")
     text_to_image = out.co_attentions[-1][0][0].float().mean(0).cpu()  # (H,T,R) -> (T,R)
-    tokens = [loaded.tokenizer.tokenizer.id_to_token(i) or "[UNK]" for i in ids]
+    # an unknown word is shown as written, not as [UNK]
+    tokens = [
+        text[a:b] if t == "[UNK]" and b > a else t for t, (a, b) in zip(enc.tokens, enc.offsets, strict=True)
+    ]
     words, rows = merge_word_pieces(tokens, text_to_image)
     detected = rows[:, 1:]  # the global [IMG] region is not a box to draw
     k = min(top_k, detected.shape[1])
@@ -289,7 +293,7 @@ def draw_explanation(
         wax = fig.add_subplot(grid[1 + r, 2 * c : 2 * c + 2])
         wax.imshow(image, alpha=0.75)
         _draw_boxes(wax, boxes, expl.word_regions[n], cmap, labels=True)
-        weights = ", ".join(f"{w:.2f}" for _, w in expl.word_regions[n])
+        weights = ", ".join(f"{w:.3f}" for _, w in expl.word_regions[n])
         wax.set_title(f"{expl.words[n]}  [{weights}]", fontsize=7)
         wax.axis("off")
 
