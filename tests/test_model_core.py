@@ -305,3 +305,22 @@ def test_bad_inputs_name_the_input() -> None:
             image_feat=inputs["image_feat"][:1],
             image_loc=inputs["image_loc"][:1],
         )
+
+
+def test_attend_boolean_and_additive_masks_agree() -> None:
+    """attend() takes a boolean or an additive mask; both match a plain softmax, an all-masked row stays finite."""
+    from vilbert_core.modeling import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)[:, None, None, :]  # sample 1: no keys
+    additive = torch.where(keep, 0.0, -1e9)
+    expected = (q @ k.transpose(-1, -2) / math.sqrt(8) + additive).softmax(-1) @ v
+    for impl in ("sdpa", "eager"):
+        for mask in (keep, additive):
+            context, _ = attend(q, k, v, mask, implementation=impl)
+            torch.testing.assert_close(context[0], expected[0], atol=1e-5, rtol=1e-5)
+            assert torch.isfinite(context).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context, probs = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, need_probs=True)
+    assert torch.isfinite(context).all() and probs[0, :, :, 2].abs().max() == 0

@@ -44,18 +44,24 @@ def attend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    key_keep: Tensor,
+    mask: Tensor,
     *,
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
     need_probs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Multi-head attention softmax(q k^T / sqrt(d) + mask) v; returns (context, probs or None)."""
-    # query (B,H,Tq,d), key/value (B,H,Tk,d), key_keep (B,1,1,Tk) bool -> context (B,H,Tq,d)
-    # The bias is built in the query's dtype (bf16 under autocast) with that dtype's finite minimum:
-    # padded keys get weight exp(-huge) = 0 exactly, and an all-padding row stays finite instead of NaN.
-    bias = torch.zeros(key_keep.shape, dtype=query.dtype, device=query.device)
-    bias = bias.masked_fill(~key_keep, torch.finfo(query.dtype).min)
+    """Multi-head attention softmax(q k^T / sqrt(d) + mask) v; returns (context, probs or None).
+
+    mask broadcasts to (B,H,Tq,Tk): either boolean (True = may attend) or an additive float bias.
+    """
+    # query (B,H,Tq,d), key/value (B,H,Tk,d) -> context (B,H,Tq,d)
+    if mask.dtype == torch.bool:
+        # Built in the query's dtype (bf16 under autocast) with that dtype's finite minimum: masked keys
+        # get weight exp(-huge) = 0 exactly, and an all-masked row stays finite instead of NaN.
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min)
+    else:
+        bias = mask.to(query.dtype)
     if implementation == "sdpa" and not need_probs:
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
         return context, None
