@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -205,6 +206,22 @@ def _pad_text(rows: Sequence[tuple[list[int], list[int]]], length: int) -> tuple
     return ids, seg, mask
 
 
+def _batch_zeros(*shape: int) -> torch.Tensor:
+    """Float32 zeros for a batch tensor; inside a DataLoader worker, allocated in shared memory.
+
+    A worker hands tensors to the main process through shared memory and first copies any tensor
+    that is not there yet; allocating there up front (as torch's own default_collate does) saves
+    that copy, about a quarter of the worker's time with 2048-d features.
+    """
+    if get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+            return torch.empty(0).set_(storage, 0, shape).zero_()
+        except (AttributeError, RuntimeError):  # a torch without this internal: plain memory
+            pass
+    return torch.zeros(*shape)
+
+
 def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Pad a list of examples into the batch dict of docs/contracts.md section 4."""
     first = examples[0]
@@ -228,9 +245,9 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
     d = first["regions"][0].raw_feat.shape[1]
     n_cls = first["regions"][0].raw_target.shape[1]
     # torch copies convert float16 -> float32 about 3x faster than numpy assignment.
-    feat = torch.zeros(len(regions), r_max, d)
+    feat = _batch_zeros(len(regions), r_max, d)
     loc = torch.zeros(len(regions), r_max, 5)
-    target = torch.zeros(len(regions), r_max, n_cls)  # row 0 ([IMG]) stays zero
+    target = _batch_zeros(len(regions), r_max, n_cls)  # row 0 ([IMG]) stays zero
     img_mask = torch.zeros(len(regions), r_max, dtype=torch.long)
     global_loc = torch.from_numpy(GLOBAL_SPATIAL)
     for i, r in enumerate(regions):
