@@ -209,6 +209,10 @@ def test_eval_vcr_joint(tmp_path: Path, vocab: Path) -> None:
     assert (m["q_a"], m["qa_r"], m["q_ar"]) == (50.0, 50.0, 25.0)
     preds = json.loads((tmp_path / "report" / "vcr_predictions_val.json").read_text())
     assert preds["val-1"]["q_a_probs"] == pytest.approx([0.25] * 4)
+    bf16 = run_eval(
+        "vcr", run, data, tmp_path / "bf16", batch_size=3, device="cpu", precision="bf16", progress=False
+    )
+    assert bf16["splits"]["val"] == m and bf16["precision"] == "bf16"  # a constant head ties in any precision
 
 
 @pytest.mark.parametrize("kind", ["tasks", "pretraining"])
