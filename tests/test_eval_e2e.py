@@ -337,3 +337,26 @@ def test_cli_eval_of_a_tiny_model_trained_by_the_trainer(tmp_path: Path, vocab: 
     bad = CliRunner().invoke(app, ["eval", "--task", "vqa", "--model", str(tmp_path / "nowhere"), "--data", str(data),
                                    "--out", str(report)])  # fmt: skip
     assert bad.exit_code == 2 and "no such file or folder" in bad.output
+
+
+def test_load_model_finds_run_files(tmp_path: Path, vocab: Path) -> None:
+    from vilbert_core.evaluation.loading import load_model
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    ViLBERTForPretraining(tiny(vocab, v_target_size=1601)).save_pretrained(run / "checkpoints" / "step-4")
+    ViLBERTForTasks(tiny(vocab)).save_pretrained(run / "best")
+    (run / "train_args.json").write_text(
+        json.dumps({"task": "refcoco", "vocab": str(vocab), "max_text_len": 12})
+    )
+    # a run without final weights falls back to best/; checkpoints find the run's train_args.json
+    loaded = load_model(run, device="cpu")
+    assert loaded.weights == run / "best" and loaded.kind == "tasks" and loaded.max_text_len == 12
+    step = load_model(run / "checkpoints" / "step-4", device="cpu")
+    assert step.kind == "pretraining" and step.train_task == "refcoco"  # model_class recorded in the weights
+    ViLBERTForTasks(tiny(vocab)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(EvalError, match="pass --vocab"):
+        load_model(tmp_path / "bare", device="cpu")
+    assert load_model(tmp_path / "bare", vocab=vocab, device="cpu").train_task is None
+    with pytest.raises(EvalError, match="no such file or folder"):
+        load_model(tmp_path / "missing", device="cpu")
