@@ -380,10 +380,9 @@ class TaskDataset(IterableDataset):
             rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
             while True:
                 yield rng.choice(self.urls)
+        # The same shuffled order on every rank and worker, so that the split stays disjoint.
         urls = list(self.urls)
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(
-            urls
-        )  # same order on every rank: split stays disjoint
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
         yield from split_shards(urls, rank, world, worker, workers)
 
     def samples(self, urls: Iterator[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -421,9 +420,11 @@ class TaskDataset(IterableDataset):
             base = {"task": self.task, "image_id": key, "regions": [regions]}
             if self.task == "captions":
                 for r in records:
-                    others = [c for c in caption_pool if c[0] != key]
-                    aligned = not others or rng.random() >= 0.5
-                    caption = r["caption"] if aligned else rng.choice(others)[1]
+                    caption, aligned = r["caption"], True
+                    if rng.random() < 0.5:
+                        others = [c for k, c in caption_pool if k != key]
+                        if others:  # the very first image has no other captions to borrow yet
+                            caption, aligned = rng.choice(others), False
                     yield {**base, "texts": [self.tokenizer.encode(caption)], "align_label": float(aligned)}
                 self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
             elif self.task == "vqa":
@@ -462,16 +463,19 @@ class TaskDataset(IterableDataset):
                         yield {**common, "texts": self.tokenizer.encode_batch(pairs), "label": r["rationale_label"],
                                "vcr_stage": "qa_r"}  # fmt: skip
             elif self.task == "retrieval":
-                if not image_pool:  # negatives need another image: wait for the next one
-                    deferred.append((key, regions, records))
-                else:
-                    yield from self._retrieval(key, regions, records, caption_pool, image_pool, rng)
                 self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
                 self._remember(image_pool, [(key, regions)], rng)
-                if len(image_pool) > 1 and deferred:
-                    for item in deferred:
+                # Negatives need another image in the pools: hold an image back until there is one.
+                deferred.append((key, regions, records))
+                waiting = []
+                for item in deferred:
+                    if any(k != item[0] for k, _ in image_pool) and any(
+                        k != item[0] for k, _ in caption_pool
+                    ):
                         yield from self._retrieval(*item, caption_pool, image_pool, rng)
-                    deferred = []
+                    else:
+                        waiting.append(item)
+                deferred = waiting
 
     def _remember(self, pool: list, items: list, rng: random.Random) -> None:
         """Add items to a bounded pool, replacing random old entries once it is full."""

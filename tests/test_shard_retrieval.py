@@ -69,3 +69,25 @@ def test_karpathy_round_trip_and_candidates(tmp_path) -> None:
         np.testing.assert_array_equal(
             batch["image_feat"][b, 2, 1 : n_other + 1].numpy(), other[0].features.astype(np.float32)
         )
+
+
+def test_retrieval_resampled_one_image_shards(tmp_path) -> None:
+    """Resampling may draw the same one-image shard twice in a row: negatives still come from other images."""
+    images = [make_image(f"{100 + i}", f"{100 + i}.jpg", k=2 + i, dim=4, seed=i) for i in range(3)]
+    root = write_feature_set(tmp_path / "f", images)
+    karpathy = {"images": [{"filename": f"{100 + i}.jpg", "split": "train", "sentences": [{"raw": f"w{i}", "sentid": i}]}
+                           for i in range(3)]}  # fmt: skip
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    run_shard(root, "retrieval", [tmp_path / "k.json"], "train", tmp_path / "t", shard_size=1, progress=False)
+    tok = TextTokenizer.from_pretrained(write_vocab(tmp_path / "v.txt", WORDS))
+    ds = TaskDataset(
+        tmp_path / "t", "retrieval", tok, batch_size=4, shuffle_buffer=1, resampled=True, steps=6, seed=1
+    )
+    batches = list(ds)
+    assert len(batches) == 6
+    for b in batches:
+        for i, image_id in enumerate(b["image_id"]):
+            own_regions = 2 + int(image_id) - 100 + 1
+            assert int(b["image_mask"][i, 0].sum()) == own_regions
+            assert int(b["image_mask"][i, 2].sum()) != own_regions  # another image
+            assert int(b["input_ids"][i, 1, 1]) - 5 != int(image_id) - 100  # another image's caption
