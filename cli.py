@@ -145,6 +145,9 @@ def extract_cmd(
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from err
+    except Exception as err:  # Ray or the filesystem broke: still a message and the documented status
+        typer.echo(f"error: the job could not finish: {type(err).__name__}: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
     typer.echo(format_summary(result.dataset))
     typer.echo(f"wrote {out}/dataset.json")
     raise typer.Exit(result.exit_code)

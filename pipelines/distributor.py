@@ -45,9 +45,11 @@ class WorkerPlan:
 
 
 def connect_ray(address: str | None = None) -> bool:
-    """Join `address` / RAY_ADDRESS, or start an embedded local instance; True if we started one.
+    """Join `address` / RAY_ADDRESS, or start an embedded local instance.
 
-    A Ray already initialised in this process (a test fixture, a notebook) is reused as it is.
+    Returns True when this call connected, so the caller shuts down (stops the embedded instance, or
+    just disconnects from a joined cluster). A Ray already initialised in this process (a test
+    fixture, a notebook) is reused as it is and False returned.
     """
     if ray.is_initialized():
         return False
@@ -58,7 +60,7 @@ def connect_ray(address: str | None = None) -> bool:
             ray.init(address=address, **quiet)
         except Exception as err:
             raise ExtractJobError(f"cannot join the Ray cluster at {address!r}: {err}") from err
-        return False
+        return True
     # A laptop run needs no set-up: Ray 2.60's default token auth would demand a token file.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(

@@ -153,7 +153,7 @@ def run_extract(
     t_ready = t0  # when the detector actors were up: what comes after is the steady extraction rate
     report = None
     if pending:
-        started = connect_ray(opts.ray_address)
+        connected = connect_ray(opts.ray_address)
         try:
             import ray
 
@@ -178,7 +178,7 @@ def run_extract(
             with _ProgressBar(sum(len(p.items) for p in pending), opts.progress) as bar:
                 report = run_shards(pending, out_dir, factory, settings, worker_plan, bar, on_info)
         finally:
-            if started:
+            if connected:
                 ray.shutdown()
         remove_stale_temps(out_dir)  # left by actors that died mid-shard; every actor is stopped now
     elif "detector" not in job:

@@ -82,7 +82,9 @@ def summarize(out: str | Path) -> dict:
 
 def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> str:
     """Human-readable report: header, histogram bars, failures by reason and the first failures."""
-    lines = [f"feature set {summary['out']} ({'complete' if summary['complete'] else 'INCOMPLETE: no dataset.json'})"]
+    lines = [
+        f"feature set {summary['out']} ({'complete' if summary['complete'] else 'INCOMPLETE: no dataset.json'})"
+    ]
     if summary.get("feature_layer"):
         lines.append(
             f"features: {summary['feature_layer']} ({summary['feature_dim']}-d, {summary['dtype']}), "
@@ -99,7 +101,9 @@ def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> st
         for k, n in hist.items():
             lines.append(f"  {k:>4} | {'#' * max(1, round(width * n / top)):<{width}} {n}")
     if summary["failed_by_reason"]:
-        lines.append("failed by reason: " + ", ".join(f"{r}={n}" for r, n in summary["failed_by_reason"].items()))
+        lines.append(
+            "failed by reason: " + ", ".join(f"{r}={n}" for r, n in summary["failed_by_reason"].items())
+        )
         for f in summary["failures"][:max_failures]:
             lines.append(f"  {f['image_id']}: {f['reason']}: {f['error']} ({f['source']})")
         if len(summary["failures"]) > max_failures:
@@ -109,7 +113,9 @@ def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> st
 
 def load_sample(out: str | Path, image_id: str | None = None) -> dict:
     """Members of one image (decoded .npy arrays and the json dict); the first ok image when no id."""
-    rows = [r for r in read_index(out) if r["status"] == "ok" and (image_id is None or r["image_id"] == image_id)]
+    rows = [
+        r for r in read_index(out) if r["status"] == "ok" and (image_id is None or r["image_id"] == image_id)
+    ]
     if not rows:
         what = f"image id {image_id!r}" if image_id else "any successfully extracted image"
         raise KeyError(f"{out}: no {what} in the finished shards")
@@ -143,7 +149,9 @@ def load_vocabs(paths: list[str | Path]) -> tuple[list[str] | None, list[str] | 
                 elif found is not None:
                     attributes = read_vocab(found)
             if objects is None and attributes is None:
-                raise FileNotFoundError(f"--vocab {path}: holds neither {_OBJECT_FILES[0]} nor {_ATTRIBUTE_FILES[0]}")
+                raise FileNotFoundError(
+                    f"--vocab {path}: holds neither {_OBJECT_FILES[0]} nor {_ATTRIBUTE_FILES[0]}"
+                )
         elif path.is_file():
             names = read_vocab(path)
             # 1600 object classes, 400 attributes in the VG vocabularies; the name decides otherwise.
@@ -164,11 +172,15 @@ def _name(names: list[str] | None, idx: int, prefix: str) -> str:
     return f"{prefix}{idx}"
 
 
-def box_labels(sample: dict, objects: list[str] | None = None, attributes: list[str] | None = None) -> list[str]:
+def box_labels(
+    sample: dict, objects: list[str] | None = None, attributes: list[str] | None = None
+) -> list[str]:
     """One label per box: "attribute class confidence" (ids when no vocabulary is given)."""
     labels = []
     for (obj, conf), (attr, _attr_conf) in zip(sample["objects.npy"], sample["attributes.npy"], strict=True):
-        labels.append(f"{_name(attributes, int(attr), 'attr')} {_name(objects, int(obj), 'class')} {conf:.2f}")
+        labels.append(
+            f"{_name(attributes, int(attr), 'attr')} {_name(objects, int(obj), 'class')} {conf:.2f}"
+        )
     return labels
 
 
@@ -215,7 +227,9 @@ def render_picture(
 def format_boxes(sample: dict, objects: list[str] | None = None, attributes: list[str] | None = None) -> str:
     """A table of one image's boxes: label and coordinates."""
     meta = sample["json"]
-    lines = [f"{meta['image_id']} ({meta['width']}x{meta['height']}, {meta['num_boxes']} boxes) {meta['source']}"]
+    lines = [
+        f"{meta['image_id']} ({meta['width']}x{meta['height']}, {meta['num_boxes']} boxes) {meta['source']}"
+    ]
     for label, box in zip(box_labels(sample, objects, attributes), sample["boxes.npy"].tolist(), strict=True):
         lines.append(f"  {label:<40} [{', '.join(f'{v:.1f}' for v in box)}]")
     return "\n".join(lines)

@@ -44,14 +44,19 @@ def feature_set(tmp_path: Path) -> Path:
     out = tmp_path / "feats"
     out.mkdir()
     shards = [
-        [("a", [[10, 10, 40, 40], [0, 0, 79, 59]], [1, 2], [1, 3]), ("b", [[5, 5, 6, 6], [1, 1, 2, 2]], [3, 4], [2, 2])],
+        [
+            ("a", [[10, 10, 40, 40], [0, 0, 79, 59]], [1, 2], [1, 3]),
+            ("b", [[5, 5, 6, 6], [1, 1, 2, 2]], [3, 4], [2, 2]),
+        ],
         [("c", [[20, 20, 30, 50]], [1600], [400])],
     ]
     failures = [[("x", "truncated")], [("y", "truncated"), ("z", "empty")]]
     for n, (samples, fails) in enumerate(zip(shards, failures, strict=True)):
         with FeatureShardWriter(out, f"features-{n:06d}") as w:
             for image_id, boxes, obj, attr in samples:
-                w.write_sample(image_id, encode_detections(image_id, str(photo), Det(boxes, obj, attr), "res4"))
+                w.write_sample(
+                    image_id, encode_detections(image_id, str(photo), Det(boxes, obj, attr), "res4")
+                )
                 w.add_row(_row(image_id, str(photo), "ok", len(boxes)))
             for image_id, reason in fails:
                 w.add_row(_row(image_id, f"/x/{image_id}.jpg", "failed", reason=reason))
@@ -88,9 +93,12 @@ def test_labels_without_and_with_vocab(feature_set: Path) -> None:
     expected_c = f"{attr_lines[399].split(',')[0]} {obj_lines[1599].split(',')[0]} 0.50"
     assert box_labels(sample, objects, attributes) == [expected_c]
     # files given one by one are told apart by their length (1600 objects, 400 attributes)
-    objects2, attributes2 = load_vocabs([REFERENCE / "vg_attributes_vocab.txt", REFERENCE / "vg_objects_vocab.txt"])
+    objects2, attributes2 = load_vocabs(
+        [REFERENCE / "vg_attributes_vocab.txt", REFERENCE / "vg_objects_vocab.txt"]
+    )
     assert (objects2, attributes2) == (objects, attributes)
-    assert box_labels(load_sample(feature_set, "a"), objects, attributes)[1] == "double decker goal 0.50"  # attribute 3, class 2
+    # box 2 of image a: attribute 3, class 2
+    assert box_labels(load_sample(feature_set, "a"), objects, attributes)[1] == "double decker goal 0.50"
 
 
 def test_picture_outlines_boxes_on_the_source_image(feature_set: Path, tmp_path: Path) -> None:
@@ -108,7 +116,9 @@ def test_cli_inspect_prints_summary_and_writes_picture(feature_set: Path, tmp_pa
     res = runner.invoke(app, ["inspect", str(feature_set), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["boxes_histogram"] == {"1": 1, "2": 2}
-    res = runner.invoke(app, ["inspect", str(feature_set), "--image-id", "b", "--out", str(tmp_path / "b.png")])
+    res = runner.invoke(
+        app, ["inspect", str(feature_set), "--image-id", "b", "--out", str(tmp_path / "b.png")]
+    )
     assert res.exit_code == 0, res.output
     assert "b (80x60, 2 boxes)" in res.output and "attr2 class3 0.50" in res.output
     assert Image.open(tmp_path / "b.png").size == (80, 60)
