@@ -95,9 +95,15 @@ def _count_items(info: dict[str, Any], keys: Sequence[str]) -> int | None:
 
 
 def _batches(
-    loaded: LoadedModel, data_dir: Path, shard_task: str, batch_size: int, seed: int
+    loaded: LoadedModel, data_dir: Path, shard_task: str, batch_size: int, seed: int, num_workers: int = 0
 ) -> Iterator[dict]:
-    """Padded batches of a TASKDIR in a fixed order (no shuffle buffer, no resampling)."""
+    """Padded batches of a TASKDIR (no shuffle buffer, no resampling; workers split the shards).
+
+    Results are keyed by question / annotation / ref ids, so the order across workers does not matter;
+    pretraining negatives depend on the worker count (seeded per worker), so keep it fixed to compare runs.
+    """
+    from torch.utils.data import DataLoader
+
     from pipelines.datasets import TaskDataset
 
     ds = TaskDataset(
@@ -112,7 +118,8 @@ def _batches(
         num_answers=len(loaded.answers) if (shard_task == "vqa" and loaded.answers) else None,
         feature_dim=loaded.feature_dim,
     )
-    for batch in ds:
+    source = ds if num_workers == 0 else DataLoader(ds, batch_size=None, num_workers=num_workers)
+    for batch in source:
         yield {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -134,7 +141,7 @@ def _check_feature_dim(loaded: LoadedModel, info: dict[str, Any], data_dir: Path
 # ---------------------------------------------------------------------------------------------- VQA
 @torch.inference_mode()
 def eval_vqa(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """Official VQA accuracy (overall, per answer type) and the predictions in submission format."""
     if loaded.kind != "tasks":
@@ -158,7 +165,7 @@ def eval_vqa(
     questions: list[dict] = []
     bar = tqdm(total=_count_items(info, ("records",)), desc="vqa", unit="q",
                disable=not progress)  # fmt: skip
-    for batch in _batches(loaded, data_dir, "vqa", batch_size, 0):
+    for batch in _batches(loaded, data_dir, "vqa", batch_size, 0, num_workers):
         logits = loaded.model(**_inputs(batch)).vqa_logits  # (B,A)
         for qid, a, gts, atype in zip(
             batch["question_id"].tolist(),
@@ -185,7 +192,7 @@ def eval_vqa(
 # ---------------------------------------------------------------------------------------------- VCR
 @torch.inference_mode()
 def eval_vcr(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """VCR Q->A, QA->R and Q->AR accuracy; predictions are the 4 choice probabilities per stage."""
     if loaded.kind != "tasks":
@@ -195,7 +202,7 @@ def eval_vcr(
     probs: dict[str, dict[str, list[float]]] = {}
     labels: dict[str, dict[str, int]] = {}
     bar = tqdm(desc="vcr", unit="q", disable=not progress)
-    for batch in _batches(loaded, data_dir, "vcr", batch_size, 0):
+    for batch in _batches(loaded, data_dir, "vcr", batch_size, 0, num_workers):
         b, c, t = batch["input_ids"].shape  # (B,4,T); image tensors (B,R,...) shared by the 4 choices
         inputs = {k: batch[k].reshape(b * c, t) for k in MODEL_KEYS[:3]}
         for k in MODEL_KEYS[3:]:
@@ -231,7 +238,7 @@ def eval_vcr(
 # ---------------------------------------------------------------------------------------------- RefCOCO
 @torch.inference_mode()
 def eval_refcoco(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """Accuracy: the top-scoring detected region has IoU >= 0.5 with the referred box."""
     if loaded.kind != "tasks":
@@ -241,7 +248,7 @@ def eval_refcoco(
     correct_all: list[bool] = []
     predictions: list[dict] = []
     bar = tqdm(total=_count_items(info, ("records",)), desc="refcoco", unit="ref", disable=not progress)
-    for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0):
+    for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0, num_workers):
         logits = loaded.model(**_inputs(batch)).region_logits  # (B,R)
         valid = batch["image_mask"].bool().clone()
         valid[:, 0] = False  # the global [IMG] region is not a box to point at
@@ -265,7 +272,13 @@ def eval_refcoco(
 # ---------------------------------------------------------------------------------------------- pretraining
 @torch.inference_mode()
 def eval_pretrain(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, seed: int = 0
+    loaded: LoadedModel,
+    data_dir: Path,
+    info: dict,
+    batch_size: int,
+    progress: bool,
+    seed: int = 0,
+    num_workers: int = 0,
 ) -> tuple[dict, None]:
     """Masked-token accuracy and perplexity, masked-region KL and alignment accuracy on held-out captions.
 
@@ -282,7 +295,7 @@ def eval_pretrain(
     sums_reg = {"kl": 0.0, "count": 0}
     sums_al = {"correct": 0, "count": 0}
     bar = tqdm(total=_count_items(info, ("records",)), desc="pretrain", unit="pair", disable=not progress)
-    for batch in _batches(loaded, data_dir, "captions", batch_size, seed):
+    for batch in _batches(loaded, data_dir, "captions", batch_size, seed, num_workers):
         aligned = batch["align_label"] > 0.5  # (B,)
         ids, mlm_labels = mask_tokens(
             batch["input_ids"], batch["attention_mask"], mask_token_id=tok.mask_id, vocab_size=tok.vocab_size,
@@ -495,11 +508,13 @@ def run_eval(
     num_candidates: int = 100,
     seed: int = 0,
     precision: str = "fp32",
+    num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` on the TASKDIR(s) in `data` for `task`; write the report to `out`; return metrics.json.
 
     precision: "fp32" (default, exact) or "bf16" (autocast; faster on GPUs, scores may move slightly).
+    num_workers: DataLoader worker processes reading the shards (0: in this process).
     """
     if task not in EVAL_TASKS:
         raise EvalError(f"--task {task!r} is not one of {', '.join(EVAL_TASKS)}")
@@ -538,13 +553,15 @@ def run_eval(
         # bf16 autocast only wraps the forward passes; metrics are computed from fp32 copies
         with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if task == "vqa":
-                metrics, extra = eval_vqa(loaded, data_dir, info, batch_size, progress)
+                metrics, extra = eval_vqa(loaded, data_dir, info, batch_size, progress, num_workers)
             elif task == "vcr":
-                metrics, extra = eval_vcr(loaded, data_dir, info, batch_size, progress)
+                metrics, extra = eval_vcr(loaded, data_dir, info, batch_size, progress, num_workers)
             elif task == "refcoco":
-                metrics, extra = eval_refcoco(loaded, data_dir, info, batch_size, progress)
+                metrics, extra = eval_refcoco(loaded, data_dir, info, batch_size, progress, num_workers)
             elif task == "pretrain":
-                metrics, extra = eval_pretrain(loaded, data_dir, info, batch_size, progress, seed)
+                metrics, extra = eval_pretrain(
+                    loaded, data_dir, info, batch_size, progress, seed, num_workers
+                )
             else:
                 metrics, extra = eval_retrieval(
                     loaded, data_dir, info, batch_size, progress, num_candidates, seed
