@@ -279,6 +279,51 @@ class _GivenBoxFeatures:
 # ----------------------------------------------------------------------------- the job
 
 
+def join_annotations(
+    anns: Sequence[Annotation], matcher: ImageMatcher
+) -> tuple[dict[str, list[Annotation]], list[dict[str, Any]]]:
+    """Annotations grouped by feature image id, and report rows for those whose image has no features."""
+    by_image: dict[str, list[Annotation]] = {}
+    missing: list[dict[str, Any]] = []
+    for ann in anns:
+        m = matcher.match(ann.ref)
+        if m.image_id is None:
+            missing.append(
+                {"image": str(ann.ref), "reason": m.reason, "candidates": m.candidates, **_summary(ann)}
+            )
+        else:
+            by_image.setdefault(m.image_id, []).append(ann)
+    return by_image, missing
+
+
+def attach_vqa_targets(
+    anns: Sequence[Annotation], answers: str | Path | None, min_count: int, split: str
+) -> list[str]:
+    """Load (or build from these annotations) the answer vocabulary and add labels/scores to every record."""
+    vocab = load_answer_vocab(answers) if answers else None
+    if vocab is None:
+        if not split.startswith("train"):
+            log.warning(
+                "building the answer vocabulary from split %r; pass --answers TRAINDIR/answers.json", split
+            )
+        vocab = build_answer_vocab(
+            ({"question_id": a.record["question_id"], "answers": [{"answer": x} for x in a.record["answers"]],
+              **({"multiple_choice_answer": a.record["multiple_choice_answer"]}
+                 if "multiple_choice_answer" in a.record else {})}
+             for a in anns if a.record["answers"]),
+            min_count=min_count,
+        )  # fmt: skip
+    if not vocab:
+        raise ShardError(
+            f"empty answer vocabulary (no answer seen {min_count}+ times); lower --min-answer-count"
+        )
+    answer_to_id = {a: i for i, a in enumerate(vocab)}
+    for ann in anns:
+        ann.record.pop("multiple_choice_answer", None)  # not part of the ann.json record
+        ann.record["labels"], ann.record["scores"] = answer_targets(ann.record["answers"], answer_to_id)
+    return vocab
+
+
 def run_shard(
     features: str | Path,
     task: str,
@@ -308,48 +353,15 @@ def run_shard(
     anns = read_task_annotations(task, annotations, split, images_dir=images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("task-*.tar"), *out.glob("task-*.parquet"), out / "task.json"]:
-        stale.unlink(missing_ok=True)  # a previous run of this directory; task.json goes first
+    for stale in [out / "task.json", *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
+        stale.unlink(missing_ok=True)  # a previous run: task.json first, so the folder reads as incomplete
     report = out / "report"
     report.mkdir(exist_ok=True)
 
-    # Join annotations to feature image ids.
-    matcher = ImageMatcher(fs.images)
-    by_image: dict[str, list[Annotation]] = {}
-    missing: list[dict[str, Any]] = []
-    for ann in anns:
-        m = matcher.match(ann.ref)
-        if m.image_id is None:
-            missing.append(
-                {"image": str(ann.ref), "reason": m.reason, "candidates": m.candidates, **_summary(ann)}
-            )
-        else:
-            by_image.setdefault(m.image_id, []).append(ann)
-
-    answer_file = None
+    by_image, missing = join_annotations(anns, ImageMatcher(fs.images))
+    answer_file, vocab = None, None
     if task == "vqa":
-        vocab = load_answer_vocab(answers) if answers else None
-        if vocab is None:
-            if not split.startswith("train"):
-                log.warning(
-                    "building the answer vocabulary from split %r; pass --answers TRAINDIR/answers.json",
-                    split,
-                )
-            vocab = build_answer_vocab(
-                ({"question_id": a.record["question_id"], "answers": [{"answer": x} for x in a.record["answers"]],
-                  **({"multiple_choice_answer": a.record["multiple_choice_answer"]}
-                     if "multiple_choice_answer" in a.record else {})}
-                 for a in anns if a.record["answers"]),
-                min_count=min_answer_count,
-            )  # fmt: skip
-        if not vocab:
-            raise ShardError(
-                f"empty answer vocabulary (no answer seen {min_answer_count}+ times); lower --min-answer-count"
-            )
-        answer_to_id = {a: i for i, a in enumerate(vocab)}
-        for ann in anns:
-            ann.record.pop("multiple_choice_answer", None)
-            ann.record["labels"], ann.record["scores"] = answer_targets(ann.record["answers"], answer_to_id)
+        vocab = attach_vqa_targets(anns, answers, min_answer_count, split)
         answer_file = "answers.json"
         save_answer_vocab(vocab, out / answer_file)
 
@@ -417,7 +429,7 @@ def run_shard(
             "dtype": fs.info.get("dtype"),
         },
         "answer_vocab": answer_file,
-        "num_answers": len(vocab) if task == "vqa" else None,
+        "num_answers": len(vocab) if vocab is not None else None,
         "annotation_files": [str(Path(a)) for a in annotations],
         "shards": writer.shards,
     }
