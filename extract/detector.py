@@ -117,7 +117,8 @@ class Detector:
         self.sha256 = sha256
         self.format = checkpoint_format
         model.fuse_norms()
-        self.model = model.to(device).eval()
+        # channels_last: the oneDNN (CPU) and cuDNN convolutions are faster in NHWC (~20% on res5 here)
+        self.model = model.to(device=device, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)
         mean = torch.tensor(config.pixel_mean, dtype=torch.float32, device=device)
         self._pixel_mean = mean.view(3, 1, 1)
@@ -220,7 +221,7 @@ class Detector:
 
     def backbone_features(self, batch: ImageBatch) -> torch.Tensor:
         """(B, 3, H, W) -> res4 (B, 1024, H/16, W/16)."""
-        return self.model.backbone(batch.tensor)
+        return self.model.backbone(batch.tensor.contiguous(memory_format=torch.channels_last))
 
     def proposals(self, features: torch.Tensor, batch: ImageBatch) -> list[torch.Tensor]:
         """RPN proposals per image, (P_i, 4) float32, +1-style boxes in input pixels, best first."""
@@ -262,7 +263,8 @@ class Detector:
         for chunk in rois.split(HEAD_CHUNK):
             # float32 pooling: the CPU kernel has no bf16 version, and box coordinates must not be rounded
             pooled = roi_pool(features.float(), chunk.float(), (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16)
-            res5 = self.model.roi_heads.res5(pooled).mean(dim=(2, 3))  # (r, 2048)
+            res5 = self.model.roi_heads.res5(pooled.contiguous(memory_format=torch.channels_last))
+            res5 = res5.mean(dim=(2, 3))  # (r, 2048)
             cls_logits, attr_logits = predictor(res5)
             parts.append(
                 (pooled.float().mean(dim=(2, 3)), res5.float(), cls_logits.float(), attr_logits.float())
