@@ -500,8 +500,11 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
         # after the loader is rebuilt: building it may draw from the global RNG
         restore_rng_state(rng, {"masking": mask_gen})
-    elif args.resume is False and ctx.is_main and ckpt_root.exists():
-        shutil.rmtree(ckpt_root)  # a fresh run in an old folder must not resume from stale checkpoints
+    elif ctx.is_main:
+        # a fresh run in an old folder must not resume from, or report, the old run's files
+        for stale in (ckpt_root, run_dir / "best"):
+            if stale.exists():
+                shutil.rmtree(stale)
 
     # DDP wraps model + loss: heads another task uses (computed but not in the loss) then count as unused
     train_model: nn.Module = TaskLossModule(model, args.task, masking)
@@ -626,8 +629,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
                     bar.update(1)
             t_last, samples_since = now, 0
 
-            # the step that crossed into a new epoch closes the previous one
-            epoch_ended = stream.epoch != epoch_before
+            # epochs of the task.json size; without a count, the step that crossed into a new epoch
+            epoch_ended = step % steps_per_epoch == 0 if steps_per_epoch else stream.epoch != epoch_before
             do_eval = val_factory is not None and (
                 (args.eval_every and step % args.eval_every == 0)
                 or (not args.eval_every and epoch_ended)
@@ -663,6 +666,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         "best": best,
         "precision": precision,
         "world_size": ctx.world_size,
+        "rank": ctx.rank,
     }
 
 
