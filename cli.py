@@ -425,6 +425,11 @@ def eval_cmd(
         help="fp32 (exact) or bf16 (autocast; faster on GPUs, scores may move slightly).",
     ),
     num_workers: int = typer.Option(2, "--num-workers", help="DataLoader processes reading the task shards."),
+    max_images: int | None = typer.Option(
+        None,
+        "--max-images",
+        help="Retrieval: score only the first N images and their captions (quick checks).",
+    ),
 ) -> None:
     """Score a model with the task's official metrics; write metrics.json, report.md, plots and predictions.
 
@@ -446,7 +451,7 @@ def eval_cmd(
     try:
         record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
                           num_candidates=num_candidates, seed=seed, precision=precision,
-                          num_workers=num_workers)  # fmt: skip
+                          num_workers=num_workers, max_images=max_images)  # fmt: skip
     except (EvalError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -240,6 +240,12 @@ def test_eval_retrieval_ties_and_zero_shot(tmp_path: Path, vocab: Path, kind: st
     assert m["num_images"] == 3 and m["num_captions"] == 5
     assert m["zero_shot"] is (kind == "pretraining")
     assert (tmp_path / "report" / "recall_at_k_test.png").is_file()
+    if kind == "tasks":
+        # the first 2 images and their 3 captions: ranks 0,0,1 (image retrieval), 0,2 (text retrieval)
+        sub = run_eval("retrieval", run, data, tmp_path / "sub", device="cpu", max_images=2, progress=False)
+        m = sub["splits"]["test"]
+        assert (m["num_images"], m["num_captions"]) == (2, 3)
+        assert m["image_retrieval"]["r1"] == pytest.approx(200 / 3) and m["text_retrieval"]["r1"] == 50.0
 
 
 def test_eval_pretrain_metrics_and_errors(tmp_path: Path, vocab: Path) -> None:

@@ -327,9 +327,11 @@ def eval_pretrain(
 
 # ---------------------------------------------------------------------------------------------- retrieval
 def read_retrieval_set(
-    loaded: LoadedModel, data_dir: Path
+    loaded: LoadedModel, data_dir: Path, max_images: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """All images (padded regions) and all captions (padded tokens) of retrieval task shards.
+
+    max_images: keep only the first N images in shard order (and their captions), for quick checks.
 
     Returns (image tensors {image_feat (N,R,D), image_loc (N,R,5), image_mask (N,R)},
     text tensors {input_ids, token_type_ids, attention_mask (M,T)}, caption -> image index (M,), image ids).
@@ -344,8 +346,12 @@ def read_retrieval_set(
     texts: list[str] = []
     caption_image: list[int] = []
     for url in urls:
+        if max_images is not None and len(examples) >= max_images:
+            break
         with wds.gopen(url, "rb") as stream:
             for key, sample in iter_tar_samples(stream, url):
+                if max_images is not None and len(examples) >= max_images:
+                    break
                 records = json.loads(sample["ann.json"])
                 regions = build_regions(sample, loaded.max_regions)
                 if regions.feat.shape[1] != loaded.feature_dim:
@@ -419,10 +425,10 @@ def score_all_pairs(
 
 def eval_retrieval(
     loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool,
-    num_candidates: int = 100, seed: int = 0,
+    num_candidates: int = 100, seed: int = 0, max_images: int | None = None,
 ) -> tuple[dict, Any]:  # fmt: skip
     """Image and text retrieval R@1/5/10 over the full set and under the 100-candidate protocol."""
-    images, text, caption_image, image_ids = read_retrieval_set(loaded, data_dir)
+    images, text, caption_image, image_ids = read_retrieval_set(loaded, data_dir, max_images)
     t0 = time.perf_counter()
     scores = score_all_pairs(loaded, images, text, batch_size, progress)
     seconds = time.perf_counter() - t0
@@ -442,6 +448,7 @@ def eval_retrieval(
             "scoring_seconds": round(seconds, 3),
             "pairs_per_second": round(scores.numel() / max(seconds, 1e-9), 1),
             "candidate_seed": seed,
+            "max_images": max_images,
         }
     )
     return metrics, {"ranks": ranks, "image_ids": image_ids}
@@ -509,12 +516,14 @@ def run_eval(
     seed: int = 0,
     precision: str = "fp32",
     num_workers: int = 0,
+    max_images: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` on the TASKDIR(s) in `data` for `task`; write the report to `out`; return metrics.json.
 
     precision: "fp32" (default, exact) or "bf16" (autocast; faster on GPUs, scores may move slightly).
     num_workers: DataLoader worker processes reading the shards (0: in this process).
+    max_images: retrieval only: score the first N images of the test set and their captions.
     """
     if task not in EVAL_TASKS:
         raise EvalError(f"--task {task!r} is not one of {', '.join(EVAL_TASKS)}")
@@ -564,7 +573,7 @@ def run_eval(
                 )
             else:
                 metrics, extra = eval_retrieval(
-                    loaded, data_dir, info, batch_size, progress, num_candidates, seed
+                    loaded, data_dir, info, batch_size, progress, num_candidates, seed, max_images
                 )
         results[split] = metrics
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
