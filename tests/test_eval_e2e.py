@@ -366,3 +366,19 @@ def test_load_model_finds_run_files(tmp_path: Path, vocab: Path) -> None:
     assert load_model(tmp_path / "bare", vocab=vocab, device="cpu").train_task is None
     with pytest.raises(EvalError, match="no such file or folder"):
         load_model(tmp_path / "missing", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("keys", "kind"), [("vilbert_keys_pretraining.txt", "pretraining"), ("vilbert_keys_vltasks.txt", "tasks")]
+)
+def test_detect_kind_of_reference_checkpoints(tmp_path: Path, keys: str, kind: str) -> None:
+    """A reference pytorch_model.bin says by its key names whether it holds task heads."""
+    from vilbert_core.evaluation.loading import detect_kind
+
+    ref = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / keys
+    if not ref.is_file():
+        pytest.skip("../shared/reference is not available")
+    names = [line.split("\t")[0] for line in ref.read_text().splitlines() if line.strip()]
+    torch.save({n: torch.zeros(1) for n in names}, tmp_path / "pytorch_model.bin")  # only the names matter
+    assert detect_kind(tmp_path / "pytorch_model.bin", None) == kind
+    assert detect_kind(tmp_path, None) == kind

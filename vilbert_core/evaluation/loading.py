@@ -145,11 +145,11 @@ def load_model(
         raise EvalError(f"vocabulary {vocab}: {err}") from None
 
     cls = ViLBERTForPretraining if kind == "pretraining" else ViLBERTForTasks
-    extra = (
-        {"num_answers": len(answer_list)}
-        if (kind == "tasks" and answer_list and weights.suffix == ".bin")
-        else {}
+    # a reference checkpoint carries no project config: its VQA head size comes from the answer list
+    reference = weights.suffix == ".bin" or (
+        weights.is_dir() and not (weights / "model.safetensors").is_file()
     )
+    extra = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
     model = cls.from_pretrained(weights, **extra)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise EvalError(
