@@ -417,6 +417,9 @@ def score_all_pairs(
             t = int(inputs["attention_mask"].sum(1).max())
             r = int(inputs["image_mask"].sum(1).max())
             inputs = {k: (v[:, :t] if k in MODEL_KEYS[:3] else v[:, :r]) for k, v in inputs.items()}
+            for k in ("attention_mask", "image_mask"):
+                if bool(inputs[k].all()):
+                    inputs[k] = None  # no padding left: the model may use its fastest unmasked attention
             out = loaded.model(**inputs)
             scores[start : start + pair.numel()] = getattr(out, head).float().cpu()
             bar.update(pair.numel())
