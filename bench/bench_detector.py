@@ -95,7 +95,7 @@ def run_pipeline(det: Detector, images: list[Image.Image], batch_size: int, repe
                 batch = det.preprocess(chunk)
                 sync(dev)
                 t1 = time.perf_counter()
-                with det._autocast():
+                with det.autocast_context():
                     feats = det.backbone_features(batch)
                     sync(dev)
                     t2 = time.perf_counter()

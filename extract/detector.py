@@ -179,7 +179,7 @@ class Detector:
         return self.config.feature_dim
 
     @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
+    def autocast_context(self) -> Iterator[None]:
         """Mixed precision if the config asks for it."""
         if self.config.autocast is None:
             yield
@@ -288,7 +288,7 @@ class Detector:
             return []
         cfg = self.config
         batch = self.preprocess(images)
-        with self._autocast():
+        with self.autocast_context():
             features = self.backbone_features(batch)
             proposals = self.proposals(features, batch)
             head = self.box_head(features, proposals)
@@ -322,7 +322,7 @@ class Detector:
             raise ValueError(f"boxes {bad[:10]} have x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)")
         batch = self.preprocess([image])
         given = torch.from_numpy(arr).to(self.device)
-        with self._autocast():
+        with self.autocast_context():
             features = self.backbone_features(batch)
             head = self.box_head(features, [given * batch.scales[0]])
         rows = torch.arange(arr.shape[0], device=self.device)

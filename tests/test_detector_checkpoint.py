@@ -31,7 +31,10 @@ CAFFE_ANCHORS = [
 # d2 channel k = (size s, ratio r) with k = 3 s + r; the Caffe channel of the same anchor is 4 r + s.
 SIZE_MAJOR_FROM_RATIO_MAJOR = [4 * (k % 3) + k // 3 for k in range(12)]
 D2_WEIGHTS = torch.tensor([10.0, 10.0, 5.0, 5.0])
-SMALL = DetectorConfig(depth=50, min_size=96, max_size=128, pre_nms_topk=200, post_nms_topk=12)
+# Agreement between formats does not depend on the box count: 4 proposals keep the res5 head cheap.
+SMALL = DetectorConfig(
+    depth=50, min_size=96, max_size=128, pre_nms_topk=200, post_nms_topk=4, min_boxes=4, max_boxes=4
+)
 
 
 def read_keys(name: str, depth50: bool = True) -> dict[str, tuple[int, ...]]:
@@ -152,7 +155,7 @@ def test_three_formats_load_and_agree(checkpoints, photo):
         assert det.info["sha256"] is not None and len(det.info["sha256"]) == 64
         results[fmt] = det.detect([photo])[0]
     ref = results["caffe_pth"]
-    assert 10 <= ref.num_boxes <= 36 and ref.features.shape == (ref.num_boxes, 2048)
+    assert ref.num_boxes == 4 and ref.features.shape == (4, 2048)
     for fmt in ("d2_pkl", "hf_bin"):
         got = results[fmt]
         # every conversion is exact (rolls, permutations, dyadic objectness), so the bytes agree
