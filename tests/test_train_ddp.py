@@ -18,6 +18,15 @@ from vilbert_core.training.trainer import TrainArgs, run_train
 GLOBAL_BATCH, BATCHES_PER_EPOCH, NUM_ANSWERS = 8, 2, 5
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, which stall badly on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def global_batches(source: str, epoch: int, batch_size: int):
     """This rank's micro-batches of fixed global batches: rank r takes the r-th slice of each."""
     rank, world = 0, 1

@@ -42,6 +42,15 @@ SRC = "train2014/COCO_train2014_{:012d}.jpg"
 DIM = 16
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, which stall badly on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Captions and VQA task shards over 8 images with 16-d features, and a vocab.txt."""
