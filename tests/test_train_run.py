@@ -10,7 +10,7 @@ import torch
 from shard_fixtures import make_image, write_feature_set, write_vocab
 
 from pipelines.shard_job import run_shard
-from vilbert_core import ViLBERTConfig, ViLBERTForPretraining
+from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.training.distributed import DistContext
 from vilbert_core.training.metrics_log import read_metrics
 from vilbert_core.training.trainer import (
@@ -71,12 +71,29 @@ def data(tmp_path_factory) -> dict[str, Path]:
     )
     captions = root / "captions_train"
     run_shard(feats, "captions", [coco], "train", captions, shard_size=2, progress=False)
-    return {
-        "feats": feats,
-        "captions": captions,
-        "vocab": write_vocab(root / "vocab.txt", WORDS),
-        "root": root,
-    }
+    # VQA v2 layout: questions + annotations with ten answers each
+    qs = [
+        (100 + n, i, q, a)
+        for n, (i, q, a) in enumerate(
+            [
+                (i, q, a)
+                for i in range(1, 8)
+                for q, a in (("what color is the car", "red"), ("is it a dog", "yes"))
+            ]
+        )
+    ]
+    questions = {"questions": [{"question_id": q, "image_id": i, "question": t} for q, i, t, _ in qs]}
+    anns = {"annotations": [
+        {"question_id": q, "image_id": i, "question_type": "what", "answer_type": "other", "multiple_choice_answer": a,
+         "answers": [{"answer": a if k < 8 else "blue", "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]}
+        for q, i, _, a in qs]}  # fmt: skip
+    (root / "q.json").write_text(json.dumps(questions))
+    (root / "a.json").write_text(json.dumps(anns))
+    vqa = root / "vqa_train"
+    run_shard(feats, "vqa", [root / "q.json", root / "a.json"], "train", vqa, shard_size=3, min_answer_count=1,
+              progress=False)  # fmt: skip
+    vocab = write_vocab(root / "vocab.txt", WORDS)
+    return {"feats": feats, "captions": captions, "vqa": vqa, "vocab": vocab, "root": root}
 
 
 def _args(files: dict[str, Path], out: Path, **kw) -> TrainArgs:
@@ -243,3 +260,26 @@ def test_cli_train_runs_and_reports_errors(tmp_path, data):
     assert "trained 2 steps" in res.output and (tmp_path / "run" / "model.safetensors").is_file()
     res = CliRunner().invoke(app, [*common, "--task", "refcoco", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "--task refcoco needs 'refcoco' shards" in res.output
+
+
+def test_vqa_fine_tuning_from_a_pretrained_model_in_bf16(tmp_path, data):
+    vocab_size = len(data["vocab"].read_text().split())
+    pre = tmp_path / "pretrained"
+    cfg = ViLBERTConfig.preset("tiny", vocab_size=vocab_size, v_feature_size=DIM, v_target_size=1601)
+    ViLBERTForPretraining(cfg).save_pretrained(pre)
+    out = tmp_path / "vqa"
+    summary = run_train(
+        _args(data, out, task="vqa", data=str(data["vqa"]), val=str(data["vqa"]), init_from=str(pre),
+              precision="bf16", steps=4, checkpoint_every=4)
+    )  # fmt: skip
+    assert summary["precision"] == "bf16" and summary["steps"] == 4
+    answers = json.loads((data["vqa"] / "answers.json").read_text())
+    targs = json.loads((out / "train_args.json").read_text())
+    assert targs["num_answers"] == len(answers) == 2  # red, yes (blue is never the top answer)
+    assert json.loads(Path(targs["answers_file"]).read_text()) == answers
+    model = ViLBERTForTasks.from_pretrained(out)
+    assert model.num_answers == 2
+    records = read_metrics(out / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    val = [r for r in records if r.get("split") == "val"]
+    assert val and 0.0 <= val[-1]["vqa_score"] <= 1.0 and val[-1]["samples"] == 14
