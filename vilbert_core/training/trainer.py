@@ -238,7 +238,10 @@ class BatchStream:
         for _attempt in range(2):
             if self._it is None:
                 self._it = iter(self.factory(self.source, self.epoch, self.batch_size))
-            batch = next(self._it, None)
+            try:
+                batch = next(self._it, None)
+            except FileNotFoundError as err:  # a shard URL that does not exist
+                raise TrainingError(f"{self.source}: {err}") from None
             if all_reduce_min(self.ctx, 0.0 if batch is None else 1.0) > 0:
                 self.in_epoch += 1
                 return batch
@@ -460,6 +463,14 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
     factory = loader_factory or default_loader_factory(args, ctx, steps_per_epoch=steps_per_epoch)
     stream = BatchStream(factory, args.data, per_rank, ctx)
+    if feature_dim is None:  # shard URLs without a task.json: read the size off the first batch
+        try:
+            first = next(iter(factory(args.data, 0, per_rank)), None)
+        except FileNotFoundError as err:
+            raise TrainingError(f"{args.data}: {err}") from None
+        if first is None:
+            raise TrainingError(f"{args.data}: the data source yields no training samples")
+        feature_dim = int(first["image_feat"].shape[-1])
     warmup_steps = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
 
     # -- resume point
