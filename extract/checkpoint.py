@@ -95,7 +95,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _to_tensor(name: str, value: object) -> torch.Tensor | None:
+def _to_tensor(value: object) -> torch.Tensor | None:
     """numpy array or tensor -> float32 (or int) CPU tensor; None for non-array entries."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
@@ -128,7 +128,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(state).__name__}")
     tensors = {}
     for name, value in state.items():
-        t = _to_tensor(str(name), value)
+        t = _to_tensor(value)
         if t is not None:
             tensors[str(name)] = t
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel

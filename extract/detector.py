@@ -6,7 +6,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.ops import roi_pool
 
 from .boxes import box_sizes, clip_boxes, decode_boxes, grid_anchors, nms_plus1
+from .checkpoint import load_checkpoint
 from .config import DetectorConfig
 from .modeling import POOLER_RESOLUTION, BottomUpAttention, feature_size, init_random_weights
 from .selection import select_regions
@@ -132,8 +133,6 @@ class Detector:
         config: DetectorConfig | None = None,
     ) -> Detector:
         """Build a detector from a checkpoint in any of the three public formats, or random weights for None."""
-        from dataclasses import replace
-
         dev = resolve_device(device)
         explicit_config = config is not None
         config = config or DetectorConfig()
@@ -149,8 +148,6 @@ class Detector:
             warnings.warn(msg, UserWarning, stacklevel=2)
             logger.warning("!" * 20 + " " + msg + " " + "!" * 20)
             return cls(model, config, dev)
-
-        from .checkpoint import load_checkpoint
 
         loaded = load_checkpoint(path)
         if not explicit_config and loaded.depth is not None and loaded.depth != config.depth:
