@@ -104,6 +104,47 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def attention_microbench(device: str, batch: int, tokens: int, regions: int, repeats: int) -> list[dict]:
+    """Forward+backward of the attention cores alone at the paper's shapes, SDPA vs eager, interleaved."""
+    from vilbert_core.modeling import attend
+
+    shapes = {  # name: (heads, head dim, queries, keys)
+        "text self (12x64, 36x36)": (12, 64, tokens, tokens),
+        "visual self (8x128, 37x37)": (8, 128, regions, regions),
+        "co text->image (8x128, 36x37)": (8, 128, tokens, regions),
+    }
+    rows = []
+    for name, (heads, dim, nq, nk) in shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(batch, heads, nq, dim, generator=g).to(device, dtype).requires_grad_()
+            k = torch.randn(batch, heads, nk, dim, generator=g).to(device, dtype).requires_grad_()
+            v = torch.randn(batch, heads, nk, dim, generator=g).to(device, dtype).requires_grad_()
+            keep = torch.ones(batch, 1, 1, nk, dtype=torch.bool, device=device)
+            keep[0, ..., -3:] = False  # some padding, as in real batches
+            times: dict[str, list[float]] = {"sdpa": [], "eager": []}
+            for i in range(repeats + 3):
+                for impl in ("sdpa", "eager") if i % 2 == 0 else ("eager", "sdpa"):
+                    _sync(device)
+                    start = time.perf_counter()
+                    out, _ = attend(q, k, v, keep, implementation=impl)
+                    out.sum().backward()
+                    _sync(device)
+                    if i >= 3:  # first rounds warm up kernels
+                        times[impl].append(time.perf_counter() - start)
+            med = {impl: sorted(t)[len(t) // 2] for impl, t in times.items()}
+            rows.append(
+                {
+                    "shape": name,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "sdpa_ms": 1e3 * med["sdpa"],
+                    "eager_ms": 1e3 * med["eager"],
+                    "speedup": med["eager"] / med["sdpa"],
+                }
+            )
+    return rows
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -211,6 +252,10 @@ def main() -> None:
         "--peak-size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 CUDA)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    parser.add_argument(
+        "--attention-only", action="store_true", help="only the attention-core micro-benchmark (fast)"
+    )
+    parser.add_argument("--attention-repeats", type=int, default=50)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "auto":
@@ -219,6 +264,21 @@ def main() -> None:
     if args.child:  # one precision, its rows as one JSON line on stdout
         precision, impls = args.child.split(":")
         print(json.dumps(run_precision(args, precision, impls.split(","))))
+        return
+
+    attention = attention_microbench(
+        args.device, args.batch, args.tokens, args.regions, args.attention_repeats
+    )
+    for row in attention:
+        print(
+            f"attention {row['shape']:30s} {row['dtype']:8s} sdpa {row['sdpa_ms']:.3f} ms  "
+            f"eager {row['eager_ms']:.3f} ms  speedup x{row['speedup']:.2f}",
+            flush=True,
+        )
+    if args.attention_only:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": args.device, "attention": attention}, indent=2) + "\n")
         return
 
     cfg = ViLBERTConfig.preset(args.config)
@@ -261,6 +321,7 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),  # other work on a shared machine skews every figure
         "device": args.device,
         "config": args.config,
         "batch": args.batch,
@@ -272,6 +333,7 @@ def main() -> None:
         "matmul_peak_flops_per_s": peaks,
         "matmul_peak_size": n,
         "results": results,
+        "attention": attention,
     }
     print(
         f"model FLOPs/sample (fwd+bwd): {flops / 1e9:.1f} GFLOP; matmul peak fp32 "

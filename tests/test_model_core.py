@@ -321,6 +321,25 @@ def test_attend_boolean_and_additive_masks_agree() -> None:
             context, _ = attend(q, k, v, mask, implementation=impl)
             torch.testing.assert_close(context[0], expected[0], atol=1e-5, rtol=1e-5)
             assert torch.isfinite(context).all()
+    unmasked = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v
+    for impl in ("sdpa", "eager"):
+        torch.testing.assert_close(
+            attend(q, k, v, None, implementation=impl)[0], unmasked, atol=1e-5, rtol=1e-5
+        )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         context, probs = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, need_probs=True)
     assert torch.isfinite(context).all() and probs[0, :, :, 2].abs().max() == 0
+
+
+def test_omitted_masks_equal_all_real_masks() -> None:
+    """Leaving out the masks (no bias at all) gives the same outputs as all-ones masks."""
+    torch.manual_seed(0)
+    cfg = _tiny()
+    model = ViLBERTForTasks(cfg).eval()
+    inputs = _inputs(cfg)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    inputs["image_mask"] = torch.ones_like(inputs["image_mask"])
+    full = _all_outputs(model, inputs)
+    bare = _all_outputs(model, {k: v for k, v in inputs.items() if not k.endswith("mask")})
+    for name, value in full.items():
+        torch.testing.assert_close(bare[name], value, atol=1e-5, rtol=1e-5)

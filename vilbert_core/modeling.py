@@ -44,7 +44,7 @@ def attend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     *,
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
@@ -52,10 +52,13 @@ def attend(
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention softmax(q k^T / sqrt(d) + mask) v; returns (context, probs or None).
 
-    mask broadcasts to (B,H,Tq,Tk): either boolean (True = may attend) or an additive float bias.
+    mask broadcasts to (B,H,Tq,Tk): boolean (True = may attend), an additive float bias, or None (no
+    padding, which lets SDPA pick its fastest kernel).
     """
     # query (B,H,Tq,d), key/value (B,H,Tk,d) -> context (B,H,Tq,d)
-    if mask.dtype == torch.bool:
+    if mask is None:
+        bias = None
+    elif mask.dtype == torch.bool:
         # Built in the query's dtype (bf16 under autocast) with that dtype's finite minimum: masked keys
         # get weight exp(-huge) = 0 exactly, and an all-masked row stays finite instead of NaN.
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
@@ -65,7 +68,9 @@ def attend(
     if implementation == "sdpa" and not need_probs:
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
         return context, None
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.size(-1)) + bias
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.size(-1))
+    if bias is not None:
+        scores = scores + bias
     probs = scores.softmax(dim=-1)
     context = torch.matmul(F.dropout(probs, p=dropout_p), value)
     return context, probs
@@ -83,9 +88,9 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)
 
 
-def _keep_mask(mask: Tensor) -> Tensor:
-    """(B,S) 1/0 mask of any dtype -> (B,1,1,S) bool, broadcast over heads and queries."""
-    return (mask != 0)[:, None, None, :]
+def _keep_mask(mask: Tensor | None) -> Tensor | None:
+    """(B,S) 1/0 mask of any dtype -> (B,1,1,S) bool, broadcast over heads and queries; None stays None."""
+    return None if mask is None else (mask != 0)[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -175,7 +180,7 @@ class ViLBERTSelfAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(dims.width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(dims.hidden_dropout)
 
-    def forward(self, hidden: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
         """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W)."""
         q = _split_heads(self.query(hidden), self.heads)
         k = _split_heads(self.key(hidden), self.heads)
@@ -216,7 +221,7 @@ class ViLBERTLayer(nn.Module):
         self.attention = ViLBERTSelfAttention(config, dims)
         self.ffn = ViLBERTFeedForward(config, dims)
 
-    def forward(self, hidden: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
         """(B,S,W) -> (B,S,W)."""
         return self.ffn(self.attention(hidden, keep))
 
@@ -250,9 +255,9 @@ class ViLBERTCoAttention(nn.Module):
     def forward(
         self,
         image: Tensor,
-        image_keep: Tensor,
+        image_keep: Tensor | None,
         text: Tensor,
-        text_keep: Tensor,
+        text_keep: Tensor | None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus (text->image, image->text) probs if asked."""
@@ -291,9 +296,9 @@ class ViLBERTCoLayer(nn.Module):
     def forward(
         self,
         image: Tensor,
-        image_keep: Tensor,
+        image_keep: Tensor | None,
         text: Tensor,
-        text_keep: Tensor,
+        text_keep: Tensor | None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus co-attention probs if asked."""
@@ -417,10 +422,7 @@ class ViLBERTModel(nn.Module):
         )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if image_mask is None:
-            image_mask = torch.ones(image_feat.shape[:2], dtype=torch.long, device=image_feat.device)
+        # an omitted mask means no padding: attention then runs without a bias
         text_keep, image_keep = _keep_mask(attention_mask), _keep_mask(image_mask)
 
         text = self.embeddings(input_ids, token_type_ids)  # (B,T,hidden)
