@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def make_images(root: Path, n: int, width: int, height: int) -> list[Path]:
@@ -84,19 +85,39 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class MemorySampler(threading.Thread):
-    """Samples the RSS of this process's descendants (the embedded Ray) every `interval` seconds."""
+    """Samples RSS and CPU time of this process's descendants (the embedded Ray) every `interval` s.
+
+    CPU time is the robust speed figure on a shared machine: wall-clock rates move with other
+    people's load, CPU seconds per image much less.
+    """
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
         self.interval, self.samples, self._stop_event = interval, [], threading.Event()
+        self.cpu_by_pid: dict[int, float] = {}
 
     def run(self) -> None:
         t0 = time.perf_counter()
         while not self._stop_event.wait(self.interval):
-            self.samples.append((time.perf_counter() - t0, rss_bytes(descendants(os.getpid()))))
+            pids = descendants(os.getpid())
+            for pid in pids:
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    self.cpu_by_pid[pid] = cpu
+            self.samples.append((time.perf_counter() - t0, rss_bytes(pids), sum(self.cpu_by_pid.values())))
 
-    def stop(self) -> list[tuple[float, int]]:
+    def stop(self) -> list[tuple[float, int, float]]:
         self._stop_event.set()
         self.join()
         return self.samples
@@ -112,14 +133,15 @@ def bench_detector(paths: list[Path], config: dict, batch_size: int) -> dict:
     det = Detector.from_checkpoint(None, device="cpu", feature_layer="res4", config=DetectorConfig(**config))
     images = [load_image(p) for p in paths]
     det.detect(images[:batch_size])
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(images), batch_size):
         det.detect(images[i : i + batch_size])
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "images": len(images),
         "seconds": round(seconds, 2),
         "images_per_s": round(len(images) / seconds, 3),
+        "cpu_s_per_image": round(cpu / len(images), 3),
     }
 
 
@@ -132,7 +154,9 @@ def bench_job(src: Path, out: Path, options: dict) -> dict:
     result = run_extract(src, out, ExtractOptions(**options, progress=False, overwrite=True))
     samples = sampler.stop()
     s = result.summary
-    steady = [m for t, m in samples if t >= s["startup_seconds"]] or [m for _, m in samples]
+    steady = [m for t, m, _ in samples if t >= s["startup_seconds"]] or [m for _, m, _ in samples]
+    cpu_at_ready = next((c for t, _, c in samples if t >= s["startup_seconds"]), 0.0)
+    cpu_end = samples[-1][2] if samples else 0.0
     quarter = max(1, len(steady) // 4)
     return {
         "workers": options["workers"],
@@ -141,6 +165,7 @@ def bench_job(src: Path, out: Path, options: dict) -> dict:
         "startup_seconds": s["startup_seconds"],
         "images_per_s": s["images_per_s"],
         "images_per_s_after_startup": s["images_per_s_after_startup"],
+        "ray_cpu_s_per_image_after_startup": round((cpu_end - cpu_at_ready) / s["images_this_run"], 3),
         "ray_rss_mib": {
             "first_quarter_median": round(statistics.median(steady[:quarter]) / 2**20),
             "last_quarter_median": round(statistics.median(steady[-quarter:]) / 2**20),
@@ -187,6 +212,10 @@ def main() -> None:
         print("detector alone:", results["detector_alone"], flush=True)
         for w in [int(x) for x in args.workers.split(",")]:
             r = bench_job(src, Path(tmp) / f"out{w}", {**options, "workers": w})
+            alone = results["detector_alone"]
+            r["cpu_vs_detector_alone"] = round(
+                alone["cpu_s_per_image"] / r["ray_cpu_s_per_image_after_startup"], 3
+            )
             r["vs_detector_alone"] = round(
                 r["images_per_s_after_startup"] / results["detector_alone"]["images_per_s"], 3
             )

@@ -77,6 +77,8 @@ class ExtractOptions:
             raise ValueError(
                 f"--batch-size and --shard-size must be >= 1, got {self.batch_size}, {self.shard_size}"
             )
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         if self.weights is not None and "://" not in self.weights and not Path(self.weights).is_file():
