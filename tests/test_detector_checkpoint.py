@@ -240,3 +240,21 @@ def test_unreadable_checkpoints(tmp_path):
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot unpickle"):
         Detector.from_checkpoint(junk, device="cpu", config=SMALL)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_plain_numpy_pickles_load_whatever_protocol_or_numpy_version(protocol):
+    from extract.checkpoint import safe_pickle_loads
+
+    blob = {
+        "model": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(2.5)},
+        "n": [1, (2, 3)],
+    }
+    data = pickle.dumps(blob, protocol=protocol)
+    variants = [data]
+    if protocol == 2:  # the detectron2 file was written by numpy 1.x, whose module is numpy.core
+        variants.append(data.replace(b"numpy._core", b"numpy.core"))
+    for raw in variants:
+        out = safe_pickle_loads(raw)
+        np.testing.assert_array_equal(out["model"]["w"], blob["model"]["w"])
+        assert out["model"]["s"] == 2.5 and out["n"] == [1, (2, 3)]
