@@ -146,6 +146,7 @@ def attention_microbench(device: str, batch: int, tokens: int, regions: int, rep
 
 
 def _sync(device: str) -> None:
+    """Wait for queued GPU work so that timings are real."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -175,6 +176,7 @@ def _reset_peak(device: str) -> None:
 
 
 def _peak(device: str) -> int:
+    """Peak memory of the current window: CUDA allocator peak or peak RSS."""
     return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
 
 
@@ -195,6 +197,7 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step(impl: str) -> tuple[float, int]:
+        """One training step with the given attention path; returns (seconds, peak memory bytes)."""
         model.set_attn_implementation(impl)
         _sync(device)
         _reset_peak(device)

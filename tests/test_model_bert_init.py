@@ -28,10 +28,12 @@ def _bert_config() -> transformers.BertConfig:
 
 
 def _vilbert_config(**overrides: object) -> ViLBERTConfig:
+    """Tiny ViLBERT preset with overrides."""
     return ViLBERTConfig.preset("tiny", **overrides)
 
 
 def _inputs(cfg: ViLBERTConfig) -> dict[str, torch.Tensor]:
+    """A batch with three padded tokens in sample 0."""
     g = torch.Generator().manual_seed(0)
     b, t, r = 2, 9, 4
     return {

@@ -119,16 +119,19 @@ def _tiny_reference_state_dict(cfg: ViLBERTConfig, which: str, seed: int = 0) ->
 
 
 def _lin(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x W^T + b with the reference-named weight and bias."""
     return x @ sd[name + ".weight"].T + sd[name + ".bias"]
 
 
 def _ln(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The reference's own LayerNorm formula (eps 1e-12 inside the square root)."""
     u = x.mean(-1, keepdim=True)
     s = (x - u).pow(2).mean(-1, keepdim=True)
     return sd[name + ".weight"] * (x - u) / torch.sqrt(s + 1e-12) + sd[name + ".bias"]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact erf GELU, as written in the reference."""
     return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
@@ -146,6 +149,7 @@ def _attn(
 
 
 def _ref_layer(sd: dict, p: str, x: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """One reference BertLayer / BertImageLayer by its tensor names."""
     ctx = _attn(
         _lin(sd, p + "attention.self.query", x),
         _lin(sd, p + "attention.self.key", x),
@@ -231,6 +235,7 @@ def _reference_forward(sd: dict, cfg: ViLBERTConfig, inp: dict) -> dict[str, tor
 
 
 def _inputs(cfg: ViLBERTConfig) -> dict[str, torch.Tensor]:
+    """A small batch with padded tokens in sample 0 and padded regions in sample 1."""
     g = torch.Generator().manual_seed(5)
     b, t, r = 2, 6, 5
     return {
@@ -244,6 +249,7 @@ def _inputs(cfg: ViLBERTConfig) -> dict[str, torch.Tensor]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """assert_close with the tensor's name in the message."""
     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 

@@ -125,7 +125,9 @@ def test_layer_order_other_ids_and_no_coattention() -> None:
 
 
 # ------------------------------------------------------------------ co-attention maths
-def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, heads: int):
+def _plain_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head loop of softmax(q k^T / sqrt(d) - 10000 * (1 - keep)) v on (B,S,W) tensors."""
     d = q.size(-1) // heads
     context = torch.zeros_like(q)
