@@ -430,3 +430,18 @@ def test_unsafe_or_missing_checkpoints_are_refused(tmp_path: Path) -> None:
         ViLBERTForPretraining.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ViLBERTForPretraining.from_pretrained(tmp_path / "nope.bin")
+
+
+def test_wrapped_project_state_dict_loads(tmp_path: Path) -> None:
+    """A state dict saved from a DDP- or torch.compile-wrapped model (prefixed names) loads unchanged."""
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset("tiny")
+    model = ViLBERTForTasks(cfg).eval()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "wrapped.bin")
+        loaded, report = ViLBERTForTasks.from_pretrained(
+            tmp_path / "wrapped.bin", config=cfg, output_loading_info=True
+        )
+        assert report.source_format == "project" and report.fresh == [] and report.skipped == {}
+        for name, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], value), (prefix, name)

@@ -132,8 +132,8 @@ def reference_to_project(name: str) -> tuple[str | None, str]:
 
 
 def is_project_state_dict(state: dict[str, Tensor]) -> bool:
-    """True when the names are this project's own (written by save_pretrained)."""
-    return any(name.startswith("vilbert.") for name in state)
+    """True when the names are this project's own (save_pretrained, or a wrapped model's state dict)."""
+    return any(re.match(r"(?:module\.|_orig_mod\.)*vilbert\.", name) for name in state)
 
 
 def convert_reference_state_dict(

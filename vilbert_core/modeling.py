@@ -548,6 +548,13 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _strip_wrapper_prefixes(name: str) -> str:
+    """Drop leading `module.` (DistributedDataParallel) and `_orig_mod.` (torch.compile) from a name."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load tensors from a .safetensors file or a torch state dict (weights_only=True)."""
     if path.suffix == ".safetensors":
@@ -668,7 +675,10 @@ class ViLBERTPreTrainedModel(nn.Module):
         model = cls(config)
         raw = _read_state_dict(weights)
         if is_project_state_dict(raw):
-            state, skipped, origin, fmt = dict(raw), {}, {}, "project"
+            # DistributedDataParallel / torch.compile wrappers prefix every name; the names below are ours
+            state = {_strip_wrapper_prefixes(k): v for k, v in raw.items()}
+            origin = {_strip_wrapper_prefixes(k): k for k in raw}
+            skipped, fmt = {}, "project"
         else:
             state, skipped, origin = convert_reference_state_dict(raw)
             fmt = "reference"
