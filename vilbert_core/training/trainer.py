@@ -193,6 +193,7 @@ def default_loader_factory(
     resampled = train and args.resampled and steps_per_epoch is not None
 
     def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+        """A DataLoader over `source` for one epoch, `batch_size` samples per batch on this rank."""
         try:
             loader = make_loader(
                 source,
