@@ -272,12 +272,13 @@ def test_sigkill_mid_run_then_rerun_keeps_every_input_exactly_once(
     script = _KILL_SCRIPT.format(tiny=TINY)
     proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out), ray_cluster])
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*_stats.json")):
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.kill()  # SIGKILL: no cleanup of any kind in the driver
     finally:
         proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the job ended by itself before it could be killed"
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
     assert 1 <= len(finished) < 4, f"the kill came at the wrong moment: {sorted(finished)}"
     assert not (out / "dataset.json").exists()
@@ -303,14 +304,13 @@ def test_sigkill_mid_run_then_rerun_keeps_every_input_exactly_once(
     assert features.dtype == np.float32 and features.shape[1] == 1024
 
 
+@pytest.mark.timeout(120)  # the failure mode is a hang (Ray waits forever for a GPU)
 def test_gpus_asked_for_but_absent_fail_fast(ray_cluster, tmp_path: Path) -> None:
     make_good_images(tmp_path / "in", 1)
-    t0 = time.monotonic()
     with pytest.raises(ExtractJobError, match="has 0 GPUs"):
         run_extract(tmp_path / "in", tmp_path / "out", _opts(gpus_per_worker=1))
     with pytest.raises(ExtractJobError, match="has 0 GPUs"):
         run_extract(tmp_path / "in", tmp_path / "out", _opts(device="cuda"))
-    assert time.monotonic() - t0 < 60  # a hang would be caught here long before Ray's own warning
 
 
 @pytest.mark.parametrize(
