@@ -143,10 +143,6 @@ class ShardActor:
         """The detector's `info` (checkpoint, sha256, settings); also proves the actor is up."""
         return dict(self.detector.info)
 
-    def pid(self) -> int:
-        """Process id of this actor (tests kill it)."""
-        return os.getpid()
-
     def run(self, plan: ShardPlan, attempt: int, progress: Any) -> dict:
         """Process one shard and return its stats."""
 
@@ -242,6 +238,6 @@ def run_shards(
 
 
 def _cause(err: BaseException) -> str:
-    """The first lines of a Ray error, enough to say what went wrong."""
+    """The last lines of a Ray error (where the original exception is), joined on one line."""
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return " | ".join(lines[-3:]) if lines else type(err).__name__

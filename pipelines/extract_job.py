@@ -155,6 +155,7 @@ def run_extract(
     t_ready = t0  # when the detector actors were up: what comes after is the steady extraction rate
     report = None
     if pending:
+        (out_dir / DATASET_FILE).unlink(missing_ok=True)  # dataset.json means "complete"; not until the end
         connected = connect_ray(opts.ray_address)
         try:
             import ray
