@@ -532,7 +532,10 @@ def _demo_steps(out: Path, sample: Path, weights: str | None, steps: int) -> lis
     """The demo's commands, in order, as (title, argv after `vilbert-data`)."""
     feats, tasks, runs, reports = out / "features", out / "tasks", out / "runs", out / "reports"
     detector = ["--weights", weights, "--feature-layer", "res5"] if weights else _DEMO_FAST_DETECTOR
-    train_common = ["--vocab", str(out / "vocab"), "--config", "tiny", "--batch-size", "32", "--lr", "1e-3",
+    # A small config, not `tiny`: with 16-d poolers the ReLU x ReLU fusion of `tiny` dies at the demo's learning
+    # rate and the model falls back to the answer prior. vocab_size and v_feature_size come from the data.
+    config = str(_SAMPLE.parent / "vilbert_demo_config.json")
+    train_common = ["--vocab", str(out / "vocab"), "--config", config, "--batch-size", "32", "--lr", "1e-3",
                     "--num-workers", "0", "--checkpoint-every", str(steps)]
     return [
         ("Extract region features (embedded local Ray, CPU)",
@@ -565,7 +568,7 @@ def _demo_steps(out: Path, sample: Path, weights: str | None, steps: int) -> lis
           "--out", str(reports / "vqa_val")]),
         ("Explain one answer: where the co-attention looks",
          ["explain", "--model", str(runs / "vqa"), "--features", str(feats), "--image-id", "sample_000000000049",
-          "--text", "what color is the circle?", "--out", str(out / "explain.png")]),
+          "--text", "what color is the triangle?", "--out", str(out / "explain.png")]),
     ]
 
 
