@@ -219,14 +219,17 @@ def _open_job(out_dir: Path, images: str | Path, items: list, opts: ExtractOptio
     path = out_dir / JOB_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        for key, what in (("settings", "settings"), ("inputs_sha256", "input list")):
-            if old.get(key) != job[key]:
-                raise ExtractJobError(
-                    f"{out_dir} holds a job with another {what} ({_diff(old.get(key), job[key])}); "
-                    "use --overwrite to start again, or another --out"
-                )
-        return old
-    if any(out_dir.glob(f"{SHARD_PREFIX}*.tar")):
+        # A job that finished no shard yet may change its settings and simply start afresh.
+        if any(out_dir.glob(f"{SHARD_PREFIX}*_stats.json")):
+            for key, what in (("settings", "settings"), ("inputs_sha256", "input list")):
+                if old.get(key) != job[key]:
+                    raise ExtractJobError(
+                        f"{out_dir} holds a job with another {what} ({_diff(old.get(key), job[key])}); "
+                        "use --overwrite to start again, or another --out"
+                    )
+            return old
+        clear_feature_set(out_dir)  # only unfinished leftovers of the old job
+    elif any(out_dir.glob(f"{SHARD_PREFIX}*.tar")):
         raise ExtractJobError(f"{out_dir} already holds feature shards of an unknown job; use --overwrite")
     atomic_write_json(path, job)
     return job

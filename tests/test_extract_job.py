@@ -313,6 +313,23 @@ def test_gpus_asked_for_but_absent_fail_fast(ray_cluster, tmp_path: Path) -> Non
         run_extract(tmp_path / "in", tmp_path / "out", _opts(device="cuda"))
 
 
+def test_cli_exit_status_for_a_job_that_cannot_run_and_for_bad_input(ray_cluster, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    make_good_images(tmp_path / "in", 1)
+    runner = CliRunner()
+    res = runner.invoke(app, ["extract", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                              "--gpus-per-worker", "1", "--no-progress"])  # fmt: skip
+    assert res.exit_code == 1 and "could not finish" in res.output and "0 GPUs" in res.output
+    res = runner.invoke(app, ["extract", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nope: no such file or folder" in res.output
+    res = runner.invoke(app, ["extract", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                              "--dtype", "float64"])  # fmt: skip
+    assert res.exit_code == 2 and "--dtype" in res.output
+
+
 @pytest.mark.parametrize(
     ("resources", "workers", "gpus", "device", "expected"),
     [
