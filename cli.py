@@ -528,20 +528,22 @@ _SAMPLE = Path(__file__).resolve().parent / "demo" / "sample"
 _DEMO_FAST_DETECTOR = ["--depth", "50", "--min-size", "224", "--max-size", "320", "--max-proposals", "24"]
 
 
-def _demo_steps(out: Path, sample: Path, weights: str | None, steps: int) -> list[tuple[str, list[str]]]:
+def _demo_steps(
+    out: Path, sample: Path, weights: str | None, steps: int, image_id: str, question: str
+) -> list[tuple[str, list[str]]]:
     """The demo's commands, in order, as (title, argv after `vilbert-data`)."""
     feats, tasks, runs, reports = out / "features", out / "tasks", out / "runs", out / "reports"
     detector = ["--weights", weights, "--feature-layer", "res5"] if weights else _DEMO_FAST_DETECTOR
     # A small config, not `tiny`: with 16-d poolers the ReLU x ReLU fusion of `tiny` dies at the demo's learning
     # rate and the model falls back to the answer prior. vocab_size and v_feature_size come from the data.
-    config = str(_SAMPLE.parent / "vilbert_demo_config.json")
+    config = str(out / "model_config.json")  # written by `demo` from demo/vilbert_demo_config.json
     train_common = ["--vocab", str(out / "vocab"), "--config", config, "--batch-size", "32", "--lr", "1e-3",
                     "--num-workers", "0", "--checkpoint-every", str(steps)]
     return [
         ("Extract region features (embedded local Ray, CPU)",
          ["extract", "--images", str(sample / "images"), "--out", str(feats), "--shard-size", "32", *detector]),
         ("Inspect the feature set and draw one image's detections",
-         ["inspect", str(feats), "--image-id", "sample_000000000049", "--out", str(out / "inspect.png")]),
+         ["inspect", str(feats), "--image-id", image_id, "--out", str(out / "inspect.png")]),
         ("Train a WordPiece vocabulary from the sample text (no BERT vocabulary offline)",
          ["vocab", str(sample / "captions_train.json"), str(sample / "questions_train.json"),
           "--out", str(out / "vocab"), "--vocab-size", "300", "--min-frequency", "1"]),
@@ -557,7 +559,7 @@ def _demo_steps(out: Path, sample: Path, weights: str | None, steps: int) -> lis
          ["shard", "--features", str(feats), "--task", "vqa", "--annotations", str(sample / "questions_val.json"),
           str(sample / "annotations_val.json"), "--split", "val", "--out", str(tasks / "vqa_val"),
           "--answers", str(tasks / "vqa_train" / "answers.json"), "--shard-size", "16"]),
-        ("Pretrain a tiny ViLBERT (masked language + region modelling, alignment)",
+        ("Pretrain a small ViLBERT (masked language + region modelling, alignment)",
          ["train", "--task", "pretrain", "--data", str(tasks / "captions_train"), "--out", str(runs / "pretrain"),
           "--steps", str(steps), *train_common]),
         ("Fine-tune it on VQA",
@@ -567,9 +569,22 @@ def _demo_steps(out: Path, sample: Path, weights: str | None, steps: int) -> lis
          ["eval", "--task", "vqa", "--model", str(runs / "vqa"), "--data", str(tasks / "vqa_val"),
           "--out", str(reports / "vqa_val")]),
         ("Explain one answer: where the co-attention looks",
-         ["explain", "--model", str(runs / "vqa"), "--features", str(feats), "--image-id", "sample_000000000049",
-          "--text", "what color is the triangle?", "--out", str(out / "explain.png")]),
+         ["explain", "--model", str(runs / "vqa"), "--features", str(feats), "--image-id", image_id,
+          "--text", question, "--out", str(out / "explain.png")]),
     ]
+
+
+def _held_out_example(sample: Path) -> tuple[str, str]:
+    """The feature image id and first question of the first held-out image (what inspect/explain show)."""
+    import json
+
+    from pipelines.sources import image_id_for
+
+    val = json.loads((sample / "questions_val.json").read_text())["questions"]
+    images = json.loads((sample / "captions_val.json").read_text())["images"]
+    first = val[0]
+    file_name = next(im["file_name"] for im in images if im["id"] == first["image_id"])
+    return image_id_for(file_name), first["question"]
 
 
 def _majority_baseline(sample: Path) -> tuple[str, dict]:
@@ -619,10 +634,14 @@ def demo(
         typer.secho("NOTE: no WEIGHTS given: the detector runs with RANDOM weights, so the region features are "
                     "meaningless and only the pipeline is being shown. Use `make demo WEIGHTS=path/to/ckpt`.",
                     fg=typer.colors.YELLOW, err=True)
+    # The model's input width follows the feature layer: res4 (the fast preview) 1024-d, res5 (with WEIGHTS) 2048-d.
+    model_config = json.loads((_SAMPLE.parent / "vilbert_demo_config.json").read_text())
+    model_config["v_feature_size"] = 2048 if weights else 1024
+    (out / "model_config.json").write_text(json.dumps(model_config, indent=2))
     exe = shutil.which("vilbert-data")
     base = [exe] if exe else [sys.executable, "-m", "cli"]
     t_start = time.time()
-    steps_list = _demo_steps(out, sample, weights, steps)
+    steps_list = _demo_steps(out, sample, weights, steps, *_held_out_example(sample))
     for i, (title, argv) in enumerate(steps_list, 1):
         typer.secho(f"\n[{i}/{len(steps_list)}] {title}", bold=True)
         typer.echo("$ vilbert-data " + shlex.join(argv))
@@ -638,7 +657,7 @@ def demo(
     model_acc = next(iter(metrics["splits"].values()))
     majority, base_acc = _majority_baseline(sample)
     rows = ["overall", *sorted(base_acc["per_answer_type"])]
-    table = ["| VQA accuracy (held out) | tiny ViLBERT | majority answer ('" + majority + "') |", "|---|---|---|"]
+    table = ["| VQA accuracy (held out) | small ViLBERT | majority answer ('" + majority + "') |", "|---|---|---|"]
     for r in rows:
         m = model_acc["overall"] if r == "overall" else model_acc.get("per_answer_type", {}).get(r, float("nan"))
         b = base_acc["overall"] if r == "overall" else base_acc["per_answer_type"][r]

@@ -105,11 +105,11 @@ def human_answers(answer: str, rng: random.Random) -> list[str]:
     return out
 
 
-def generate(out: Path, seed: int = 2019) -> dict:
+def generate(out: Path, seed: int = 2019, n_train: int = N_TRAIN, n_val: int = N_VAL) -> dict:
     """Write images/, captions_{train,val}.json and VQA v2 style questions/annotations files into out."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = {"train": range(1, N_TRAIN + 1), "val": range(N_TRAIN + 1, N_TRAIN + N_VAL + 1)}
+    splits = {"train": range(1, n_train + 1), "val": range(n_train + 1, n_train + n_val + 1)}
     sizes = [(320, 240), (240, 320), (360, 240), (300, 300), (480, 160)]
     qid = 0
     counts = {}
