@@ -14,6 +14,7 @@ import os
 import tarfile
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+def atomic_write_json(
+    path: str | Path, obj: Any, *, sort_keys: bool = True, default: Callable[[Any], Any] | None = None
+) -> None:
+    """Write `obj` as indented JSON to `path` atomically (`default` converts what json cannot)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def remove_stale_temps(out_dir: str | Path) -> list[Path]:

@@ -18,13 +18,7 @@ from vilbert_core.training.trainer import TrainArgs, run_train
 GLOBAL_BATCH, BATCHES_PER_EPOCH, NUM_ANSWERS = 8, 2, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, which stall badly on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def global_batches(source: str, epoch: int, batch_size: int):

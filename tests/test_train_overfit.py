@@ -13,13 +13,7 @@ VOCAB, D, C_DET, T, R = 60, 16, 1601, 10, 7  # R = 6 regions + the global [IMG] 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, which stall badly on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _text(g: torch.Generator, *lead: int) -> dict[str, torch.Tensor]:

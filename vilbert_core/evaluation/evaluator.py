@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from pipelines.writers import atomic_write_json
+from vilbert_core.training.trainer import SHARD_TASK  # the shard task each task reads
 
 from .loading import EvalError, LoadedModel, load_model
 from .metrics import (
@@ -47,25 +49,10 @@ from .metrics import (
 logger = logging.getLogger(__name__)
 
 EVAL_TASKS = ("pretrain", "vqa", "vcr", "refcoco", "retrieval")
-# the shard task each eval task reads (pretraining reads caption shards)
-SHARD_TASK = {
-    "pretrain": "captions",
-    "vqa": "vqa",
-    "vcr": "vcr",
-    "refcoco": "refcoco",
-    "retrieval": "retrieval",
-}
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def read_task_info(data_dir: Path) -> dict[str, Any]:
     """task.json of a TASKDIR, with a clear error when it is missing."""
     info_path = data_dir / "task.json"
@@ -582,7 +569,7 @@ def run_eval(
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
         if task in ("vqa", "vcr", "refcoco"):
             name = f"{task}_predictions_{safe}.json"
-            write_json_atomic(out / name, extra)
+            atomic_write_json(out / name, extra, sort_keys=False)
             files.append(name)
         files += _plots(task, split, metrics, extra, out)
 
@@ -604,7 +591,7 @@ def run_eval(
         "files": sorted(files),
     }
     (out / "report.md").write_text(markdown_report(task, str(loaded.weights), results), encoding="utf-8")
-    write_json_atomic(out / "metrics.json", record)
+    atomic_write_json(out / "metrics.json", record, sort_keys=False)
     return record
 
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.writers import atomic_write_json
+
 from .checkpointing import (
     capture_rng_state,
     latest_checkpoint,
@@ -387,13 +389,6 @@ def _count_samples(info: dict[str, Any] | None, task: str) -> int | None:
     return None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate(
     model: nn.Module, loader: Iterable[dict[str, Any]], task: str, ctx: DistContext, precision: str
 ) -> dict[str, float]:
@@ -688,7 +683,7 @@ def _save_best(run_dir: Path, model: nn.Module, step: int, scores: dict[str, flo
     if tmp.exists():
         shutil.rmtree(tmp)
     unwrap(model).save_pretrained(tmp)
-    _write_json_atomic(tmp / "val_metrics.json", {"step": step, **scores})
+    atomic_write_json(tmp / "val_metrics.json", {"step": step, **scores}, default=str)
     final = run_dir / "best"
     if final.exists():
         shutil.rmtree(final)
@@ -727,4 +722,4 @@ def _write_run_files(
         "precision_used": precision,
         "world_size": ctx.world_size,
     }
-    _write_json_atomic(run_dir / "train_args.json", record)
+    atomic_write_json(run_dir / "train_args.json", record, default=str)
