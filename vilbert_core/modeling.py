@@ -65,7 +65,10 @@ def attend(
         bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min)
     else:
         bias = mask.to(query.dtype)
-    if implementation == "sdpa" and not need_probs:
+    # On the CPU, PyTorch's bf16 SDPA kernel is 3-4x slower than the plain matmul path at ViLBERT's
+    # sequence lengths (bench/bench_model.py --attention-only), so bf16 autocast on the CPU takes the latter.
+    cpu_bf16 = query.device.type == "cpu" and query.dtype == torch.bfloat16
+    if implementation == "sdpa" and not need_probs and not cpu_bf16:
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
         return context, None
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.size(-1))
