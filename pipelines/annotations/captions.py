@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipelines.annotations.common import Annotation, AnnotationError, ImageRef, bad, load_json, require
+from pipelines.annotations.common import (
+    Annotation,
+    AnnotationError,
+    ImageRef,
+    bad,
+    load_json,
+    read_jsonl,
+    require,
+)
 
 
 def ref_from_value(value: object) -> ImageRef:
@@ -68,22 +75,15 @@ def read_caption_tsv(path: Path) -> list[Annotation]:
 def read_caption_jsonl(path: Path) -> list[Annotation]:
     """Plain JSONL: one `{"image": path-or-id, "caption": str}` object per line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise bad(path, f"line {lineno}", f"not valid JSON: {exc}") from exc
-            require(path, f"line {lineno}", rec, ["image", "caption"])
-            if not isinstance(rec["caption"], str):
-                raise bad(path, f"line {lineno}", "caption is not a string")
-            try:
-                ref = ref_from_value(rec["image"])
-            except (TypeError, ValueError) as exc:
-                raise bad(path, f"line {lineno}", str(exc)) from exc
-            out.append(Annotation(ref, {"caption": rec["caption"].strip()}))
+    for lineno, rec in read_jsonl(path):
+        require(path, f"line {lineno}", rec, ["image", "caption"])
+        if not isinstance(rec["caption"], str):
+            raise bad(path, f"line {lineno}", "caption is not a string")
+        try:
+            ref = ref_from_value(rec["image"])
+        except (TypeError, ValueError) as exc:
+            raise bad(path, f"line {lineno}", str(exc)) from exc
+        out.append(Annotation(ref, {"caption": rec["caption"].strip()}))
     return out
 
 

@@ -7,12 +7,19 @@ index), any other object its class name; several objects are joined with "and".
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.annotations.common import Annotation, AnnotationError, ImageRef, bad, load_json, require
+from pipelines.annotations.common import (
+    Annotation,
+    AnnotationError,
+    ImageRef,
+    bad,
+    load_json,
+    read_jsonl,
+    require,
+)
 
 GENDER_NEUTRAL_NAMES = (
     "Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
@@ -61,35 +68,28 @@ def read_vcr(paths: Sequence[Path], images_dir: str | Path | None) -> list[Annot
     for path in paths:
         if not path.exists():
             raise AnnotationError(f"{path}: annotation file not found")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise bad(path, f"line {lineno}", f"not valid JSON: {exc}") from exc
-                require(path, f"line {lineno}", rec, REQUIRED)
-                objects = rec["objects"]
-                try:
-                    answers = [render_tokens(c, objects) for c in rec["answer_choices"]]
-                    rationales = [render_tokens(c, objects) for c in rec["rationale_choices"]]
-                    question = render_tokens(rec["question"], objects)
-                except (IndexError, TypeError, ValueError) as exc:
-                    raise bad(path, f"line {lineno}", f"bad object reference: {exc}") from exc
-                if len(answers) != 4 or len(rationales) != 4:
-                    raise bad(path, f"line {lineno}", "expected 4 answer and 4 rationale choices")
-                record = {
-                    "annot_id": str(rec["annot_id"]),
-                    "question": question,
-                    "answer_choices": answers,
-                    "rationale_choices": rationales,
-                    "answer_label": int(rec.get("answer_label", -1)),  # -1: test split, no label
-                    "rationale_label": int(rec.get("rationale_label", -1)),
-                }
-                extra = {
-                    "metadata": str(images_dir / rec["metadata_fn"]),
-                    "image": str(images_dir / rec["img_fn"]),
-                }
-                out.append(Annotation(ImageRef(path=rec["img_fn"]), record, extra))
+        for lineno, rec in read_jsonl(path):
+            require(path, f"line {lineno}", rec, REQUIRED)
+            objects = rec["objects"]
+            try:
+                answers = [render_tokens(c, objects) for c in rec["answer_choices"]]
+                rationales = [render_tokens(c, objects) for c in rec["rationale_choices"]]
+                question = render_tokens(rec["question"], objects)
+            except (IndexError, TypeError, ValueError) as exc:
+                raise bad(path, f"line {lineno}", f"bad object reference: {exc}") from exc
+            if len(answers) != 4 or len(rationales) != 4:
+                raise bad(path, f"line {lineno}", "expected 4 answer and 4 rationale choices")
+            record = {
+                "annot_id": str(rec["annot_id"]),
+                "question": question,
+                "answer_choices": answers,
+                "rationale_choices": rationales,
+                "answer_label": int(rec.get("answer_label", -1)),  # -1: test split, no label
+                "rationale_label": int(rec.get("rationale_label", -1)),
+            }
+            extra = {
+                "metadata": str(images_dir / rec["metadata_fn"]),
+                "image": str(images_dir / rec["img_fn"]),
+            }
+            out.append(Annotation(ImageRef(path=rec["img_fn"]), record, extra))
     return out
