@@ -34,14 +34,12 @@ from .loading import EvalError, LoadedModel, load_model
 from .metrics import (
     RECALL_KS,
     alignment_stats,
-    image_retrieval_ranks,
     masked_region_kl_stats,
     masked_token_stats,
     pretrain_summary,
     recall_at_k,
     refcoco_correct,
-    sample_candidates_ranks,
-    text_retrieval_ranks,
+    retrieval_ranks,
     vcr_accuracy,
     vqa_accuracy,
 )
@@ -422,14 +420,8 @@ def eval_retrieval(
     t0 = time.perf_counter()
     scores = score_all_pairs(loaded, images, text, batch_size, progress)
     seconds = time.perf_counter() - t0
-    ranks = {
-        "image_retrieval": image_retrieval_ranks(scores, caption_image),
-        "text_retrieval": text_retrieval_ranks(scores, caption_image),
-    }
-    cand_img, cand_txt = sample_candidates_ranks(scores, caption_image, num_candidates, seed)
-    ranks[f"image_retrieval_{num_candidates}cand"] = cand_img
-    ranks[f"text_retrieval_{num_candidates}cand"] = cand_txt
-    metrics: dict[str, Any] = {name: recall_at_k(r, RECALL_KS) for name, r in ranks.items()}
+    ranks = retrieval_ranks(scores, caption_image, num_candidates, seed)
+    metrics: dict[str, Any] = {name: recall_at_k(r) for name, r in ranks.items()}
     metrics.update(
         {
             "num_images": len(image_ids),

@@ -29,6 +29,7 @@ __all__ = [
     "recall_at_k",
     "refcoco_correct",
     "retrieval_metrics",
+    "retrieval_ranks",
     "sample_candidates_ranks",
     "text_retrieval_ranks",
     "vcr_accuracy",
@@ -298,19 +299,25 @@ def sample_candidates_ranks(
     return (torch.cat(image_ranks) if image_ranks else empty, torch.cat(text_ranks) if text_ranks else empty)
 
 
+def retrieval_ranks(
+    scores: object, caption_image: object, num_candidates: int = 100, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """0-based ranks of the four retrieval protocols: image/text retrieval, full set and N candidates."""
+    img_c, txt_c = sample_candidates_ranks(scores, caption_image, num_candidates, seed)
+    return {
+        "image_retrieval": image_retrieval_ranks(scores, caption_image),
+        "text_retrieval": text_retrieval_ranks(scores, caption_image),
+        f"image_retrieval_{num_candidates}cand": img_c,
+        f"text_retrieval_{num_candidates}cand": txt_c,
+    }
+
+
 def retrieval_metrics(
     scores: object, caption_image: object, num_candidates: int = 100, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Image and text retrieval R@1/5/10 (percent) over the full set and under the 100-candidate protocol."""
-    img_full = image_retrieval_ranks(scores, caption_image)
-    txt_full = text_retrieval_ranks(scores, caption_image)
-    img_c, txt_c = sample_candidates_ranks(scores, caption_image, num_candidates, seed)
-    return {
-        "image_retrieval": recall_at_k(img_full),
-        "text_retrieval": recall_at_k(txt_full),
-        f"image_retrieval_{num_candidates}cand": recall_at_k(img_c),
-        f"text_retrieval_{num_candidates}cand": recall_at_k(txt_c),
-    }
+    ranks = retrieval_ranks(scores, caption_image, num_candidates, seed)
+    return {name: recall_at_k(r) for name, r in ranks.items()}
 
 
 # ----------------------------------------------------------------------------------------- pretraining
