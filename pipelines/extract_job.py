@@ -260,9 +260,9 @@ class _ProgressBar:
     """A tqdm bar fed with cumulative (ok, failed) counts; a no-op when disabled."""
 
     def __init__(self, total: int, enabled: bool):
-        from tqdm.auto import tqdm
+        from pipelines.progress import progress_bar
 
-        self.bar = tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress_bar(total, "extract", "img", enabled, dynamic_ncols=True)
         self.failed = -1
 
     def __call__(self, ok: int, failed: int) -> None:

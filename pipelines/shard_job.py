@@ -24,11 +24,11 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipelines.annotations import Annotation, read_task_annotations
 from pipelines.annotations.common import TASKS
 from pipelines.matching import ImageMatcher
+from pipelines.progress import progress_bar
 from pipelines.vqa_answers import (
     DEFAULT_MIN_COUNT,
     answer_targets,
@@ -374,7 +374,7 @@ def run_shard(
     without_annotations: list[str] = []
     n_records = 0
     failures: list[dict[str, str]] = []
-    bar = tqdm(total=len(fs.images), desc=f"shard {task}/{split}", unit="img", disable=not progress)
+    bar = progress_bar(len(fs.images), f"shard {task}/{split}", "img", progress)
     for shard in fs.shards:
         with open(fs.root / shard, "rb") as f:
             for key, sample in iter_tar_samples(f, str(fs.root / shard)):
