@@ -5,8 +5,8 @@ into predictions, and `metrics.py` turns predictions into numbers. The report fo
 
 - `metrics.json`: {"task", "model", "model_kind", "device", "splits": {split: metrics}};
 - `report.md`: the same numbers as Markdown tables;
-- plots: `accuracy_by_answer_type_<split>.png` (VQA), `accuracy_<split>.png` (VCR, RefCOCO),
-  `recall_at_k_<split>.png` (retrieval);
+- plots: `accuracy_by_answer_type_<split>.png` (VQA), `accuracy_<split>.png` (VCR),
+  `accuracy_by_split.png` (RefCOCO, every split in one chart), `recall_at_k_<split>.png` (retrieval);
 - predictions: `vqa_predictions_<split>.json` in the official submission format
   [{"question_id", "answer"}], `vcr_predictions_<split>.json`, `refcoco_predictions_<split>.json`.
 
@@ -123,16 +123,28 @@ def _check_feature_dim(loaded: LoadedModel, info: dict[str, Any], data_dir: Path
         )
 
 
+# the model kind and heads each task reads (retrieval scores with either kind)
+_NEEDS = {"vqa": ("tasks", "a VQA head"), "vcr": ("tasks", "a pair head"), "refcoco": ("tasks", "a region head"),
+          "pretrain": ("pretraining", "the MLM, MRM and alignment heads")}  # fmt: skip
+
+
+def _require_kind(loaded: LoadedModel, task: str) -> None:
+    """Fail clearly when the model lacks the heads `task` reads."""
+    kind, heads = _NEEDS.get(task, (loaded.kind, ""))
+    if loaded.kind != kind:
+        hint = f"; fine-tune it first with `vilbert-data train --task {task}`" if kind == "tasks" else ""
+        raise EvalError(
+            f"--task {task} needs a model with {heads}, but {loaded.weights} is a {loaded.kind} model{hint}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- VQA
 @torch.inference_mode()
 def eval_vqa(
     loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """Official VQA accuracy (overall, per answer type) and the predictions in submission format."""
-    if loaded.kind != "tasks":
-        raise EvalError(
-            "vqa needs a model with a VQA head (ViLBERTForTasks); this one is a pretraining model"
-        )
+    _require_kind(loaded, "vqa")
     if loaded.answers is None and info.get("answer_vocab"):
         from pipelines.vqa_answers import load_answer_vocab
 
@@ -180,10 +192,7 @@ def eval_vcr(
     loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """VCR Q->A, QA->R and Q->AR accuracy; predictions are the 4 choice probabilities per stage."""
-    if loaded.kind != "tasks":
-        raise EvalError(
-            "vcr needs a model with a pair head (ViLBERTForTasks); this one is a pretraining model"
-        )
+    _require_kind(loaded, "vcr")
     probs: dict[str, dict[str, list[float]]] = {}
     labels: dict[str, dict[str, int]] = {}
     bar = tqdm(desc="vcr", unit="q", disable=not progress)
@@ -226,10 +235,7 @@ def eval_refcoco(
     loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
 ) -> tuple[dict, Any]:
     """Accuracy: the top-scoring detected region has IoU >= 0.5 with the referred box."""
-    if loaded.kind != "tasks":
-        raise EvalError(
-            "refcoco needs a model with a region head (ViLBERTForTasks); this one is a pretraining model"
-        )
+    _require_kind(loaded, "refcoco")
     correct_all: list[bool] = []
     predictions: list[dict] = []
     bar = tqdm(total=_count_items(info, ("records",)), desc="refcoco", unit="ref", disable=not progress)
@@ -272,8 +278,7 @@ def eval_pretrain(
     """
     from vilbert_core.training.masking import IGNORE_INDEX, mask_regions, mask_tokens
 
-    if loaded.kind != "pretraining":
-        raise EvalError("pretrain metrics need a pretraining model (MLM, MRM, alignment heads)")
+    _require_kind(loaded, "pretrain")
     tok = loaded.tokenizer
     gen = torch.Generator(device=loaded.device).manual_seed(seed)
     sums_tok = {"correct": 0, "nll": 0.0, "count": 0}
@@ -461,11 +466,16 @@ def markdown_report(task: str, model: str, results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _file_safe(split: str) -> str:
+    """A split name as it appears in file names: anything but letters, digits, - and _ becomes _."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
+
+
 def _plots(task: str, split: str, metrics: dict, extra: Any, out: Path) -> list[str]:
     """Write the task's plots for one split; returns their file names."""
     from .plots import plot_accuracy_bars, plot_recall_curves
 
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
+    safe = _file_safe(split)
     if task == "vqa" and "per_answer_type" in metrics:
         values = {"overall": metrics["overall"], **metrics["per_answer_type"]}
         return [
@@ -516,13 +526,7 @@ def run_eval(
         if isinstance(model, LoadedModel)
         else load_model(model, vocab=vocab, answers=answers, device=device)
     )
-    needs = {"vqa": ("tasks", "a VQA head"), "vcr": ("tasks", "a pair head"), "refcoco": ("tasks", "a region head"),
-             "pretrain": ("pretraining", "the MLM, MRM and alignment heads")}.get(task)  # fmt: skip
-    if needs and loaded.kind != needs[0]:
-        hint = f"; fine-tune it first with `vilbert-data train --task {task}`" if needs[0] == "tasks" else ""
-        raise EvalError(
-            f"--task {task} needs a model with {needs[1]}, but {loaded.weights} is a {loaded.kind} model{hint}"
-        )
+    _require_kind(loaded, task)
     if precision not in ("fp32", "bf16"):
         raise EvalError(f"--precision must be fp32 or bf16, got {precision!r}")
     if task == "retrieval" and loaded.kind == "pretraining":
@@ -558,7 +562,7 @@ def run_eval(
                     loaded, data_dir, info, batch_size, progress, num_candidates, seed, max_images
                 )
         results[split] = metrics
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
+        safe = _file_safe(split)
         if task in ("vqa", "vcr", "refcoco"):
             name = f"{task}_predictions_{safe}.json"
             atomic_write_json(out / name, extra, sort_keys=False)
