@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.writers import atomic_write_json
+
 from .loading import EvalError, LoadedModel, load_model
+from .plots import save_figure
 
 HEADS = ("auto", "align", "vqa", "refer", "pair")
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
@@ -297,13 +299,7 @@ def draw_explanation(
         wax.set_title(f"{expl.words[n]}  [{weights}]", fontsize=7)
         wax.axis("off")
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=dpi)  # no bbox_inches="tight": the size must stay exact
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)  # at the figure's dpi, no tight bbox: the size stays exact
 
 
 def run_explain(
@@ -338,6 +334,5 @@ def run_explain(
         # a moved or resized copy of the image: boxes are in the extracted image's pixels
         boxes = boxes * np.array([picture.width / w, picture.height / h] * 2, dtype=np.float32)
     draw_explanation(picture, boxes, expl, out, size)
-    side = Path(out).with_suffix(".json")
-    side.write_text(json.dumps(expl.to_json(), indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(Path(out).with_suffix(".json"), expl.to_json(), sort_keys=False)
     return expl
