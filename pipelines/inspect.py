@@ -7,7 +7,6 @@ exist are read). Class and attribute names come from the Visual Genome vocabular
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.planner import SHARD_PREFIX
+from pipelines.writers import load_npy
 
 _OBJECT_FILES = ("vg_objects_vocab.txt", "objects_vocab.txt")
 _ATTRIBUTE_FILES = ("vg_attributes_vocab.txt", "attributes_vocab.txt")
@@ -128,7 +128,7 @@ def load_sample(out: str | Path, image_id: str | None = None) -> dict:
                 continue
             data = tar.extractfile(member).read()
             key = member.name[len(prefix) :]
-            sample[key] = json.loads(data) if key == "json" else np.load(io.BytesIO(data), allow_pickle=False)
+            sample[key] = json.loads(data) if key == "json" else load_npy(data)
     return sample
 
 

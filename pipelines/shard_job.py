@@ -36,6 +36,7 @@ from pipelines.vqa_answers import (
     load_answer_vocab,
     save_answer_vocab,
 )
+from pipelines.writers import load_npy, npy_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,6 @@ def iter_tar_samples(stream: IO[bytes], name: str = "<stream>") -> Iterator[tupl
         sample[suffix] = data
     if key is not None:
         yield key, sample
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """Serialise an array in numpy's .npy format."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """Decode .npy bytes (no pickles)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class TaskShardWriter:

@@ -44,6 +44,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def load_npy(data: bytes | bytearray) -> np.ndarray:
+    """Decode .npy bytes (no pickles)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def encode_detections(
     image_id: str, source: str, det: Any, feature_layer: str, dtype: str = "float16"
 ) -> dict[str, bytes]:
