@@ -481,34 +481,21 @@ class ViLBERTPredictionTransform(nn.Module):
         return self.layer_norm(self.act(self.dense(hidden)))
 
 
-class ViLBERTMLMHead(nn.Module):
-    """Masked language modelling: transform, then a decoder tied to the word embeddings (own bias)."""
+class ViLBERTPredictionHead(nn.Module):
+    """Masked token or region prediction: transform, then a Linear decoder to the classes.
 
-    def __init__(self, config: ViLBERTConfig) -> None:
+    The MLM head (text stream -> vocabulary) has its decoder weight tied to the word embeddings by the
+    pretraining model (its bias stays its own); the MRM head (visual stream -> detector classes) does not.
+    """
+
+    def __init__(self, width: int, act: str, eps: float, num_classes: int) -> None:
         super().__init__()
-        self.transform = ViLBERTPredictionTransform(
-            config.hidden_size, config.hidden_act, config.layer_norm_eps
-        )
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.transform = ViLBERTPredictionTransform(width, act, eps)
+        self.decoder = nn.Linear(width, num_classes)
 
-    def forward(self, text_hidden: Tensor) -> Tensor:
-        """(B,T,hidden) -> (B,T,vocab)."""
-        return self.decoder(self.transform(text_hidden))
-
-
-class ViLBERTMRMHead(nn.Module):
-    """Masked region modelling: transform, then Linear to the detector's classes."""
-
-    def __init__(self, config: ViLBERTConfig) -> None:
-        super().__init__()
-        self.transform = ViLBERTPredictionTransform(
-            config.v_hidden_size, config.v_hidden_act, config.layer_norm_eps
-        )
-        self.decoder = nn.Linear(config.v_hidden_size, config.v_target_size)
-
-    def forward(self, visual_hidden: Tensor) -> Tensor:
-        """(B,R,v_hidden) -> (B,R,v_target_size)."""
-        return self.decoder(self.transform(visual_hidden))
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(B,S,width) -> (B,S,num_classes)."""
+        return self.decoder(self.transform(hidden))
 
 
 class ViLBERTVQAHead(nn.Module):
@@ -749,8 +736,11 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__(config)
-        self.mlm_head = ViLBERTMLMHead(config)
-        self.mrm_head = ViLBERTMRMHead(config)
+        eps = config.layer_norm_eps
+        self.mlm_head = ViLBERTPredictionHead(config.hidden_size, config.hidden_act, eps, config.vocab_size)
+        self.mrm_head = ViLBERTPredictionHead(
+            config.v_hidden_size, config.v_hidden_act, eps, config.v_target_size
+        )
         self.align_head = nn.Linear(config.bi_hidden_size, 1)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.post_init()
