@@ -21,7 +21,7 @@ from typing import Any
 
 from pipelines.planner import SHARD_PREFIX, inputs_fingerprint, plan_shards, read_shard_stats, split_done
 from pipelines.sources import list_sources
-from pipelines.writers import DTYPES, atomic_write_json, remove_stale_temps
+from pipelines.writers import DTYPES, STATS_SUFFIX, atomic_write_json, remove_stale_temps
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -220,7 +220,7 @@ def _open_job(out_dir: Path, images: str | Path, items: list, opts: ExtractOptio
     if path.exists():
         old = json.loads(path.read_text())
         # A job that finished no shard yet may change its settings and simply start afresh.
-        if any(out_dir.glob(f"{SHARD_PREFIX}*_stats.json")):
+        if any(out_dir.glob(f"{SHARD_PREFIX}*{STATS_SUFFIX}")):
             for key, what in (("settings", "settings"), ("inputs_sha256", "input list")):
                 if old.get(key) != job[key]:
                     raise ExtractJobError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.planner import SHARD_PREFIX
-from pipelines.writers import load_npy
+from pipelines.writers import STATS_SUFFIX, load_npy
 
 _OBJECT_FILES = ("vg_objects_vocab.txt", "objects_vocab.txt")
 _ATTRIBUTE_FILES = ("vg_attributes_vocab.txt", "attributes_vocab.txt")
@@ -24,16 +24,16 @@ _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
 
 def finished_shards(out: str | Path) -> list[str]:
     """Stems of the shards of `out` whose `_stats.json` exists (complete shards), sorted."""
-    stats = sorted(Path(out).glob(f"{SHARD_PREFIX}*_stats.json"))
-    return [p.name[: -len("_stats.json")] for p in stats]
+    stats = sorted(Path(out).glob(f"{SHARD_PREFIX}*{STATS_SUFFIX}"))
+    return [p.name[: -len(STATS_SUFFIX)] for p in stats]
 
 
-def read_index(out: str | Path) -> list[dict]:
-    """All parquet index rows of the complete shards, each with its shard stem under "shard"."""
+def read_index(out: str | Path, shards: list[str] | None = None) -> list[dict]:
+    """All parquet index rows of `shards` (default: the complete ones), each with its stem under "shard"."""
     import pyarrow.parquet as pq
 
     rows = []
-    for name in finished_shards(out):
+    for name in finished_shards(out) if shards is None else shards:
         for row in pq.read_table(Path(out) / f"{name}.parquet").to_pylist():
             rows.append({**row, "shard": name})
     return rows
@@ -44,7 +44,8 @@ def summarize(out: str | Path) -> dict:
     out = Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"{out}: no such feature set folder")
-    rows = read_index(out)
+    shards = finished_shards(out)
+    rows = read_index(out, shards)
     dataset_path = out / "dataset.json"
     dataset = json.loads(dataset_path.read_text()) if dataset_path.exists() else None
     if not rows and dataset is None:
@@ -54,7 +55,7 @@ def summarize(out: str | Path) -> dict:
     summary = {
         "out": str(out),
         "complete": dataset is not None,
-        "shards": len(finished_shards(out)),
+        "shards": len(shards),
         "images": len(rows),
         "ok": len(ok),
         "failed": len(rows) - len(ok),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.sources import SourceItem
+from pipelines.writers import STATS_SUFFIX
 
 SHARD_PREFIX = "features-"
 
@@ -37,7 +38,7 @@ class ShardPlan:
     @property
     def stats_name(self) -> str:
         """File name of the stats file written last."""
-        return f"{self.name}_stats.json"
+        return f"{self.name}{STATS_SUFFIX}"
 
 
 def shard_name(index: int) -> str:
@@ -76,6 +77,8 @@ def read_shard_stats(out_dir: str | Path, plan: ShardPlan) -> dict:
 
 def split_done(out_dir: str | Path, plans: list[ShardPlan]) -> tuple[list[ShardPlan], list[ShardPlan]]:
     """(finished, pending) shards of a plan, judged by the files in `out_dir`."""
-    done = [p for p in plans if shard_is_done(out_dir, p)]
-    pending = [p for p in plans if not shard_is_done(out_dir, p)]
+    done: list[ShardPlan] = []
+    pending: list[ShardPlan] = []
+    for p in plans:
+        (done if shard_is_done(out_dir, p) else pending).append(p)
     return done, pending

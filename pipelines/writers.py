@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 TMP_MARK = ".tmp-"
+STATS_SUFFIX = "_stats.json"  # `<shard><STATS_SUFFIX>` marks a complete shard (written last)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 # Column order and types of the per-shard parquet index (one row per input, ok or failed).
@@ -151,7 +152,7 @@ class FeatureShardWriter:
         self.name = name
         self.tar_path = self.out_dir / f"{name}.tar"
         self.parquet_path = self.out_dir / f"{name}.parquet"
-        self.stats_path = self.out_dir / f"{name}_stats.json"
+        self.stats_path = self.out_dir / f"{name}{STATS_SUFFIX}"
         self._tmp_tar = temp_path(self.tar_path)
         self._tar: tarfile.TarFile | None = tarfile.open(self._tmp_tar, "w", format=tarfile.GNU_FORMAT)
         self.rows: list[dict] = []
