@@ -96,22 +96,17 @@ _COMPILED_SKIPS = [(re.compile(pattern), reason) for pattern, reason in _SKIPS]
 # tensors whose value changes shape on the way in
 _ALIGN_KEYS = {"cls.bi_seq_relationship.weight", "cls.bi_seq_relationship.bias"}
 
-# the prefixes of our own state dict: a checkpoint using them was written by save_pretrained
-PROJECT_PREFIXES = (
-    "vilbert.",
-    "mlm_head.",
-    "mrm_head.",
-    "align_head.",
-    "vqa_head.",
-    "pair_head.",
-    "region_head.",
-)
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """Drop leading `module.` (DataParallel / DistributedDataParallel) and `_orig_mod.` (torch.compile)."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def normalize_reference_name(name: str) -> str:
-    """Strip a DataParallel `module.` prefix and turn old LayerNorm gamma/beta into weight/bias."""
-    if name.startswith("module."):
-        name = name[len("module.") :]
+    """Strip wrapper prefixes (`module.`) and turn old LayerNorm gamma/beta into weight/bias."""
+    name = strip_wrapper_prefixes(name)
     if name.endswith(".gamma"):
         name = name[: -len("gamma")] + "weight"
     elif name.endswith(".beta"):
@@ -133,7 +128,7 @@ def reference_to_project(name: str) -> tuple[str | None, str]:
 
 def is_project_state_dict(state: dict[str, Tensor]) -> bool:
     """True when the names are this project's own (save_pretrained, or a wrapped model's state dict)."""
-    return any(re.match(r"(?:module\.|_orig_mod\.)*vilbert\.", name) for name in state)
+    return any(strip_wrapper_prefixes(name).startswith("vilbert.") for name in state)
 
 
 def convert_reference_state_dict(

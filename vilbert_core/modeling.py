@@ -538,13 +538,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _strip_wrapper_prefixes(name: str) -> str:
-    """Drop leading `module.` (DistributedDataParallel) and `_orig_mod.` (torch.compile) from a name."""
-    while name.startswith(("module.", "_orig_mod.")):
-        name = name.split(".", 1)[1]
-    return name
-
-
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load tensors from a .safetensors file or a torch state dict (weights_only=True)."""
     if path.suffix == ".safetensors":
@@ -641,7 +634,7 @@ class ViLBERTPreTrainedModel(nn.Module):
         arguments override config fields. Returns the model in eval mode, or (model, LoadReport) when
         output_loading_info is true.
         """
-        from .convert import convert_reference_state_dict, is_project_state_dict
+        from .convert import convert_reference_state_dict, is_project_state_dict, strip_wrapper_prefixes
 
         weights, config_file = _resolve_checkpoint(Path(path))
         if config is None:
@@ -666,8 +659,8 @@ class ViLBERTPreTrainedModel(nn.Module):
         raw = _read_state_dict(weights)
         if is_project_state_dict(raw):
             # DistributedDataParallel / torch.compile wrappers prefix every name; the names below are ours
-            state = {_strip_wrapper_prefixes(k): v for k, v in raw.items()}
-            origin = {_strip_wrapper_prefixes(k): k for k in raw}
+            origin = {strip_wrapper_prefixes(k): k for k in raw}
+            state = {name: raw[k] for name, k in origin.items()}
             skipped, fmt = {}, "project"
         else:
             state, skipped, origin = convert_reference_state_dict(raw)
