@@ -293,12 +293,13 @@ class Detector:
         for i, props in enumerate(proposals):
             n = props.shape[0]
             cls_prob = head.cls_prob[start : start + n]
+            # In original pixels, like the Caffe extractor (rois / im_scale): the +1 IoU of its
+            # per-class NMS is not scale-invariant, so selecting on input pixels keeps other boxes.
+            boxes = props / batch.scales[i]
             keep, _ = select_regions(
-                props, cls_prob, cfg.nms_thresh, cfg.conf_thresh, cfg.min_boxes, cfg.max_boxes
+                boxes, cls_prob, cfg.nms_thresh, cfg.conf_thresh, cfg.min_boxes, cfg.max_boxes
             )
-            rows = keep + start
-            boxes = props[keep] / batch.scales[i]
-            results.append(self._package(boxes, head, rows, batch.original_sizes[i]))
+            results.append(self._package(boxes[keep], head, keep + start, batch.original_sizes[i]))
             start += n
         return results
 

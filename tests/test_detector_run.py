@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from extract import Detections, Detector, DetectorConfig, spatial_features
+from extract import detector as detector_module
 
 # 10 proposals = min_boxes: the res5 head (5.9 GFLOP per box) dominates the test time
 SMALL = dict(depth=50, min_size=96, max_size=160, pre_nms_topk=300, post_nms_topk=10)
@@ -113,6 +114,23 @@ def test_given_boxes_reproduce_the_detected_regions(detector, single, photos):
         detector.features_for_boxes(photo, [[1, 2, 3]])
     with pytest.raises(ValueError, match="x2 < x1"):
         detector.features_for_boxes(photo, [[10, 10, 5, 20]])
+
+
+def test_selection_runs_on_proposals_in_original_pixels(detector, photos, monkeypatch):
+    # The +1 IoU is not scale-invariant: the original runs its per-class NMS on rois / im_scale.
+    calls = []
+    real = detector_module.select_regions
+
+    def spy(boxes, *args):
+        keep, max_conf = real(boxes, *args)
+        calls.append((boxes.clone(), keep))
+        return keep, max_conf
+
+    monkeypatch.setattr(detector_module, "select_regions", spy)
+    photo = photos[2]
+    (out,) = detector.detect([photo])
+    (boxes, keep), = calls
+    np.testing.assert_array_equal(boxes[keep].numpy(), out.boxes)
 
 
 def test_res4_feature_is_the_mean_of_the_pooled_cells(detector):
