@@ -36,7 +36,15 @@ from pipelines.vqa_answers import (
     load_answer_vocab,
     save_answer_vocab,
 )
-from pipelines.writers import load_npy, npy_bytes
+from pipelines.writers import (
+    atomic_write_json,
+    atomic_write_table,
+    load_npy,
+    npy_bytes,
+    publish,
+    remove_stale_temps,
+    temp_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,7 @@ class TaskShardWriter:
         self.out, self.shard_size = out, shard_size
         self.shards: list[str] = []
         self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
         self._rows: list[dict[str, Any]] = []
 
     def write(self, key: str, members: dict[str, bytes], row: dict[str, Any]) -> None:
@@ -139,7 +148,8 @@ class TaskShardWriter:
         if self._tar is None:
             name = f"task-{len(self.shards):06d}.tar"
             self.shards.append(name)
-            self._tar = tarfile.open(self.out / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self._tmp = temp_path(self.out / name)
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         for suffix, data in members.items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reruns give identical bytes
@@ -154,12 +164,9 @@ class TaskShardWriter:
             return
         self._tar.close()
         name = self.shards[-1]
-        (self.out / (name + ".tmp")).replace(self.out / name)
-        table = pa.Table.from_pylist(self._rows)
-        index = self.out / name.replace(".tar", ".parquet")
-        pq.write_table(table, index.with_suffix(".parquet.tmp"))
-        index.with_suffix(".parquet.tmp").replace(index)
-        self._tar, self._rows = None, []
+        publish(self._tmp, self.out / name)
+        atomic_write_table(self.out / name.replace(".tar", ".parquet"), pa.Table.from_pylist(self._rows))
+        self._tar, self._tmp, self._rows = None, None, []
 
 
 # ----------------------------------------------------------------------------- feature set
@@ -344,6 +351,7 @@ def run_shard(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / "task.json", *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
         stale.unlink(missing_ok=True)  # a previous run: task.json first, so the folder reads as incomplete
+    remove_stale_temps(out)  # half-written shards of a killed run
     report = out / "report"
     report.mkdir(exist_ok=True)
 
@@ -422,9 +430,7 @@ def run_shard(
         "annotation_files": [str(Path(a)) for a in annotations],
         "shards": writer.shards,
     }
-    tmp = out / "task.json.tmp"
-    tmp.write_text(json.dumps(task_info, indent=1) + "\n")
-    tmp.replace(out / "task.json")
+    atomic_write_json(out / "task.json", task_info, sort_keys=False)
     return task_info
 
 

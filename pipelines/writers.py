@@ -88,7 +88,7 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """Flush `tmp` to disk and rename it to `final` in one atomic step."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -101,7 +101,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = temp_path(final)
     try:
         tmp.write_bytes(data)
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -123,21 +123,26 @@ def remove_stale_temps(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def write_index(path: str | Path, rows: list[dict]) -> None:
-    """Write the per-input parquet index atomically."""
-    import pyarrow as pa
+def atomic_write_table(path: str | Path, table: Any) -> None:
+    """Write a pyarrow table as parquet to `path` through a temporary file and a rename."""
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(name, pa.type_for_alias(t)) for name, t in INDEX_COLUMNS])
-    columns = {name: [row.get(name) for row in rows] for name, _ in INDEX_COLUMNS}
-    table = pa.table(columns, schema=schema)
     final = Path(path)
     tmp = temp_path(final)
     try:
         pq.write_table(table, tmp)
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_index(path: str | Path, rows: list[dict]) -> None:
+    """Write the per-input parquet index atomically."""
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.type_for_alias(t)) for name, t in INDEX_COLUMNS])
+    columns = {name: [row.get(name) for row in rows] for name, _ in INDEX_COLUMNS}
+    atomic_write_table(path, pa.table(columns, schema=schema))
 
 
 class FeatureShardWriter:
@@ -183,7 +188,7 @@ class FeatureShardWriter:
         """Publish tar, parquet, then `_stats.json` (in that order); returns the stats."""
         self._tar.close()
         self._tar = None
-        _publish(self._tmp_tar, self.tar_path)
+        publish(self._tmp_tar, self.tar_path)
         write_index(self.parquet_path, self.rows)
         ok = [r for r in self.rows if r["status"] == "ok"]
         stats = {
