@@ -147,17 +147,17 @@ def build_answer_vocab(annotations: Iterable[Mapping], min_count: int = DEFAULT_
 def answer_targets(answers: Sequence[str], answer_to_id: Mapping[str, int]) -> tuple[list[int], list[float]]:
     """Class ids and soft scores of the in-vocabulary answers among a question's raw answers."""
     counts = Counter(normalize_answer(a) for a in answers)
-    labels = sorted(answer_to_id[a] for a in counts if a in answer_to_id)
-    id_to_answer = {i: a for a, i in answer_to_id.items()}
-    return labels, [soft_score(counts[id_to_answer[i]]) for i in labels]
+    # Per question: only its few distinct answers are looked at, never the whole vocabulary.
+    targets = sorted((answer_to_id[a], soft_score(n)) for a, n in counts.items() if a in answer_to_id)
+    return [i for i, _ in targets], [score for _, score in targets]
 
 
 def save_answer_vocab(answers: Sequence[str], path: str | Path) -> None:
     """Write the answer list as JSON (index = class id), atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(list(answers), ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from pipelines.writers import atomic_write_bytes
+
+    text = json.dumps(list(answers), ensure_ascii=False, indent=0) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_answer_vocab(path: str | Path) -> list[str]:
