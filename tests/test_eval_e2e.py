@@ -366,6 +366,10 @@ def test_load_model_finds_run_files(tmp_path: Path, vocab: Path) -> None:
     assert load_model(tmp_path / "bare", vocab=vocab, device="cpu").train_task is None
     with pytest.raises(EvalError, match="no such file or folder"):
         load_model(tmp_path / "missing", device="cpu")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"junk")  # a truncated download
+    with pytest.raises(EvalError, match="cannot read the weights"):
+        load_model(tmp_path / "broken", vocab=vocab, device="cpu")
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,10 @@ def load_model(
     answers = answers or targs.get("answers_file")
     max_text_len = max_text_len or int(targs.get("max_text_len", 36))
     max_regions = max_regions or int(targs.get("max_regions", 36))
-    kind = kind or detect_kind(weights, train_task)
+    try:
+        kind = kind or detect_kind(weights, train_task)
+    except SafetensorError as err:  # a truncated or foreign file: a message, not a traceback
+        raise EvalError(f"--model {path}: cannot read the weights: {err}") from None
     if kind not in KINDS:
         raise EvalError(f"model kind must be one of {KINDS}, got {kind!r}")
 
@@ -150,7 +154,10 @@ def load_model(
         weights.is_dir() and not (weights / "model.safetensors").is_file()
     )
     extra = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
-    model = cls.from_pretrained(weights, **extra)
+    try:
+        model = cls.from_pretrained(weights, **extra)
+    except SafetensorError as err:
+        raise EvalError(f"--model {path}: cannot read the weights: {err}") from None
     if model.config.vocab_size != tokenizer.vocab_size:
         raise EvalError(
             f"vocabulary {vocab} has {tokenizer.vocab_size} tokens but the model {weights} was built for "
