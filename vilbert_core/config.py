@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.writers import atomic_write_json
+
 # Values the reference code (vilbert-multi-task `BertConfig.__init__`) uses for keys missing from its JSON.
 # They differ from the paper configuration on purpose: a reference JSON that omits a key gets what the
 # reference would have built, not what the paper used.
@@ -192,8 +194,5 @@ class ViLBERTConfig:
         return {"format": PROJECT_FORMAT, **dataclasses.asdict(self)}
 
     def to_json_file(self, path: str | os.PathLike[str]) -> None:
-        """Write the config as JSON atomically (temporary file then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Write the config as JSON atomically (unique temporary file, fsync, rename)."""
+        atomic_write_json(path, self.to_dict())
