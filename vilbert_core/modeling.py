@@ -647,13 +647,10 @@ class ViLBERTPreTrainedModel(nn.Module):
             else:
                 logger.warning("no config.json beside %s; using the paper preset 'vilbert-base'", weights)
                 config = ViLBERTConfig.preset("vilbert-base")
-        overrides = dict(config_overrides)
         if num_answers is not None:
-            overrides["num_answers"] = num_answers
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-        else:
-            config = dataclasses.replace(config)  # never share a caller's config object with the model
+            config_overrides["num_answers"] = num_answers
+        # a copy even without overrides: the model must never share a caller's config object
+        config = dataclasses.replace(config, **config_overrides)
 
         model = cls(config)
         raw = _read_state_dict(weights)
