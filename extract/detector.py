@@ -273,22 +273,9 @@ class Detector:
         res4, res5, cls_logits, attr_logits = (torch.cat(p, dim=0) for p in zip(*parts, strict=True))
         return HeadOutput(res4, res5, F.softmax(cls_logits, dim=1), F.softmax(attr_logits, dim=1))
 
-    # ------------------------------------------------------------------ public API
-
-    @torch.inference_mode()
-    def detect(self, images: Sequence[Image.Image] | Image.Image) -> list[Detections]:
-        """Detect regions in several images with one forward pass; one Detections per image."""
-        if isinstance(images, Image.Image):
-            images = [images]
-        images = list(images)
-        if not images:
-            return []
+    def select(self, proposals: list[torch.Tensor], head: HeadOutput, batch: ImageBatch) -> list[Detections]:
+        """The region-selection rule on each image's proposals, then its kept regions as Detections."""
         cfg = self.config
-        batch = self.preprocess(images)
-        with self.autocast_context():
-            features = self.backbone_features(batch)
-            proposals = self.proposals(features, batch)
-            head = self.box_head(features, proposals)
         results, start = [], 0
         for i, props in enumerate(proposals):
             n = props.shape[0]
@@ -302,6 +289,23 @@ class Detector:
             results.append(self._package(boxes[keep], head, keep + start, batch.original_sizes[i]))
             start += n
         return results
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[Image.Image] | Image.Image) -> list[Detections]:
+        """Detect regions in several images with one forward pass; one Detections per image."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        if not images:
+            return []
+        batch = self.preprocess(images)
+        with self.autocast_context():
+            features = self.backbone_features(batch)
+            proposals = self.proposals(features, batch)
+            head = self.box_head(features, proposals)
+        return self.select(proposals, head, batch)
 
     @torch.inference_mode()
     def features_for_boxes(
