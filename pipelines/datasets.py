@@ -555,29 +555,16 @@ def make_loader(
     task: str,
     tokenizer: TextTokenizer | str | Path,
     batch_size: int = 32,
-    max_text_len: int = 36,
-    max_regions: int = 36,
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    resampled: bool = False,
-    steps: int | None = None,
+    *,
     num_workers: int = 2,
     **dataset_kwargs: Any,
 ) -> DataLoader:
-    """DataLoader of padded batches from task shards (batching happens in the workers)."""
-    ds = TaskDataset(
-        urls_or_dir,
-        task,
-        tokenizer,
-        batch_size=batch_size,
-        max_text_len=max_text_len,
-        max_regions=max_regions,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        resampled=resampled,
-        steps=steps,
-        **dataset_kwargs,
-    )
+    """DataLoader of padded batches from task shards (batching happens in the workers).
+
+    `dataset_kwargs` are `TaskDataset`'s options (max_text_len, shuffle_buffer, seed, resampled, ...),
+    with its defaults.
+    """
+    ds = TaskDataset(urls_or_dir, task, tokenizer, batch_size=batch_size, **dataset_kwargs)
     return DataLoader(
         ds,
         batch_size=None,
