@@ -152,11 +152,9 @@ class TrainArgs:
 def read_task_json(data: str) -> dict[str, Any] | None:
     """TASKDIR/task.json beside the shards (None for URL lists without one)."""
     path = Path(data)
-    candidates = [path / "task.json"] if path.is_dir() else [Path(data.split("{")[0]).parent / "task.json"]
-    for cand in candidates:
-        if cand.is_file():
-            return json.loads(cand.read_text(encoding="utf-8"))
-    return None
+    # a shard URL pattern (task-{000000..000009}.tar) names files in the folder that holds task.json
+    path = path / "task.json" if path.is_dir() else Path(data.split("{")[0]).parent / "task.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
