@@ -108,31 +108,19 @@ def iter_decoded(items: Iterable[SourceItem], prefetch: int = 8) -> Iterator[Dec
             yield result
 
 
-def _ok_row(d: Decoded, num_boxes: int, width: int, height: int) -> dict:
-    """Index row of a successful image."""
+def _index_row(d: Decoded, det: Any | None = None) -> dict:
+    """Index row of one input: ok with its detections, or failed (no `det`) with `d.reason`."""
+    if det is not None:
+        k, (w, h) = int(det.boxes.shape[0]), (int(det.image_w), int(det.image_h))
+    else:  # a detect_error image was decoded, so its size is known
+        k, (w, h) = 0, (d.image.size if d.image is not None else (None, None))
     return {
         "image_id": d.item.image_id,
         "source": d.item.source,
-        "status": "ok",
-        "error": None,
-        "reason": None,
-        "num_boxes": num_boxes,
-        "width": width,
-        "height": height,
-        "bytes": d.nbytes,
-    }
-
-
-def _failed_row(d: Decoded) -> dict:
-    """Index row of a failed image."""
-    w, h = d.image.size if d.image is not None else (None, None)
-    return {
-        "image_id": d.item.image_id,
-        "source": d.item.source,
-        "status": "failed",
+        "status": "failed" if det is None else "ok",
         "error": d.error,
         "reason": d.reason,
-        "num_boxes": 0,
+        "num_boxes": k,
         "width": w,
         "height": h,
         "bytes": d.nbytes,
@@ -173,16 +161,14 @@ def process_shard(
             dets = _detect_batch(detector, batch)
             detect_s += time.perf_counter() - t
             for d, det in zip(batch, dets, strict=True):
+                rows[position[d.item.image_id]] = _index_row(d, det)
                 if det is None:
-                    rows[position[d.item.image_id]] = _failed_row(d)
                     n_failed += 1
                     continue
                 members = encode_detections(
                     d.item.image_id, d.item.source, det, settings.feature_layer, settings.dtype
                 )
                 writer.write_sample(d.item.image_id, members)
-                k = int(det.boxes.shape[0])
-                rows[position[d.item.image_id]] = _ok_row(d, k, int(det.image_w), int(det.image_h))
                 n_ok += 1
             batch.clear()
             if on_progress:
@@ -191,7 +177,7 @@ def process_shard(
         batch: list[Decoded] = []
         for d in iter_decoded(plan.items, prefetch):
             if d.image is None:
-                rows[position[d.item.image_id]] = _failed_row(d)
+                rows[position[d.item.image_id]] = _index_row(d)
                 n_failed += 1
                 if on_progress:
                     on_progress(n_ok, n_failed)
