@@ -54,8 +54,7 @@ def grid_anchors(cell_anchors: torch.Tensor, height: int, width: int) -> torch.T
 
 def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Apply (dx, dy, dw, dh) deltas (N, 4) to +1-style anchors (N, 4) (Caffe bbox_transform_inv)."""
-    widths = anchors[:, 2] - anchors[:, 0] + 1.0
-    heights = anchors[:, 3] - anchors[:, 1] + 1.0
+    widths, heights = box_sizes(anchors)
     ctr_x = anchors[:, 0] + 0.5 * widths
     ctr_y = anchors[:, 1] + 0.5 * heights
     dx, dy = deltas[:, 0], deltas[:, 1]
@@ -88,9 +87,14 @@ def box_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return boxes[:, 2] - boxes[:, 0] + 1.0, boxes[:, 3] - boxes[:, 1] + 1.0
 
 
+def plus1_to_continuous(boxes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """+1-style boxes (N, 4) -> a copy (in `dtype`) whose continuous IoU equals their +1 IoU."""
+    # Shifting x2, y2 by one pixel makes torchvision's continuous IoU equal the +1 IoU exactly.
+    shifted = boxes.to(dtype=dtype, copy=True)
+    shifted[:, 2:] += 1.0
+    return shifted
+
+
 def nms_plus1(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """NMS with the +1 IoU of Caffe's nms; returns kept indices sorted by decreasing score."""
-    # Shifting x2, y2 by one pixel makes torchvision's continuous IoU equal the +1 IoU exactly.
-    shifted = boxes.clone()
-    shifted[:, 2:] += 1.0
-    return nms(shifted, scores, iou_threshold)
+    return nms(plus1_to_continuous(boxes), scores, iou_threshold)

@@ -17,12 +17,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import nms
 
-
-def _plus1_for_nms(boxes: torch.Tensor) -> torch.Tensor:
-    """+1-style boxes -> float64 boxes whose continuous IoU equals the +1 IoU (exact under class offsets)."""
-    b = boxes.to(torch.float64).clone()
-    b[:, 2:] += 1.0
-    return b
+from .boxes import plus1_to_continuous
 
 
 def _max_conf_from_pairs(
@@ -45,7 +40,7 @@ def _max_conf_from_pairs(
 
 def max_conf_loop(boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float = 0.3) -> torch.Tensor:
     """max_conf (N,) by the original per-class loop over classes 1..C (the reference, and the fallback)."""
-    boxes64 = _plus1_for_nms(boxes)
+    boxes64 = plus1_to_continuous(boxes, torch.float64)
     max_conf = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
     for c in range(1, scores.shape[1]):
         cls_scores = scores[:, c]
@@ -62,7 +57,7 @@ def max_conf_batched(
     if num_boxes == 0:
         return scores.new_zeros(0)
     cls_scores = scores[:, 1:]  # (N, C), background dropped
-    boxes64 = _plus1_for_nms(boxes)
+    boxes64 = plus1_to_continuous(boxes, torch.float64)
 
     if conf_thresh <= 0:  # every pair passes: nothing to prune
         return max_conf_loop(boxes, scores, nms_thresh)
