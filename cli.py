@@ -25,6 +25,10 @@ app = typer.Typer(
 )
 
 
+# one definition of the option every long-running command takes, so that name and help stay the same
+_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
+
+
 def _version_callback(value: bool) -> None:
     """Print the installed version and exit."""
     if value:
@@ -93,7 +97,7 @@ def extract_cmd(
     autocast: str | None = typer.Option(
         None, "--autocast", help="Mixed precision: bf16 (CPU/GPU) or fp16 (GPU)."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    progress: bool = _PROGRESS,
 ) -> None:
     """Extract bottom-up-attention region features of every image into WebDataset shards.
 
@@ -240,7 +244,7 @@ def shard_cmd(
         help="vcr: detector checkpoint for the ground-truth boxes (omitted: RANDOM weights).",
     ),
     device: str = typer.Option("auto", "--device", help="vcr: detector device, auto, cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    progress: bool = _PROGRESS,
 ) -> None:
     """Join region features with a task's annotations into task shards (one sample per image).
 
@@ -350,7 +354,7 @@ def train_cmd(
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N steps [each epoch]."),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient-norm clipping threshold."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    progress: bool = _PROGRESS,
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
 
@@ -430,6 +434,7 @@ def eval_cmd(
         "--max-images",
         help="Retrieval: score only the first N images and their captions (quick checks).",
     ),
+    progress: bool = _PROGRESS,
 ) -> None:
     """Score a model with the task's official metrics; write metrics.json, report.md, plots and predictions.
 
@@ -451,7 +456,7 @@ def eval_cmd(
     try:
         record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
                           num_candidates=num_candidates, seed=seed, precision=precision,
-                          num_workers=num_workers, max_images=max_images)  # fmt: skip
+                          num_workers=num_workers, max_images=max_images, progress=progress)  # fmt: skip
     except (EvalError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
