@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vilbert_core.training.masking import IGNORE_INDEX, mask_regions, mask_tokens
@@ -82,3 +83,22 @@ def test_mrm_rates_never_touch_global_region_or_padding():
     n_picked = picked.sum().item()
     assert abs(n_picked / candidates.sum().item() - 0.15) < 0.01
     assert abs(zeroed.sum().item() / n_picked - 0.9) < 0.015
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_generator_masks_cuda_batches_as_it_masks_cpu_ones():
+    """The trainer's masking generator lives on the CPU while its batches are on the GPU."""
+    ids, mask = _text_batch(b=64)
+    feat = torch.rand(64, 5, 8) + 0.1
+    image_mask = torch.ones(64, 5, dtype=torch.long)
+    kw = {"mask_token_id": MASK, "vocab_size": VOCAB, "special_token_ids": [PAD, CLS, SEP]}
+    on_cpu = (
+        *mask_tokens(ids, mask, generator=torch.Generator().manual_seed(4), **kw),
+        *mask_regions(feat, image_mask, generator=torch.Generator().manual_seed(5)),
+    )
+    on_gpu = (
+        *mask_tokens(ids.cuda(), mask.cuda(), generator=torch.Generator().manual_seed(4), **kw),
+        *mask_regions(feat.cuda(), image_mask.cuda(), generator=torch.Generator().manual_seed(5)),
+    )
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.is_cuda and torch.equal(a, b.cpu())

@@ -15,6 +15,16 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where random draws are made: on the generator's own device when there is one, else on `device`.
+
+    The trainer's masking generator lives on the CPU (its state goes into checkpoints) and a CPU
+    generator cannot draw CUDA tensors; drawing there and moving the result also gives the same masks
+    on every device for one seed.
+    """
+    return generator.device if generator is not None else device
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -32,17 +42,17 @@ def mask_tokens(
         special |= input_ids == tok
     candidates = attention_mask.bool() & ~special
 
-    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    shape, device, src = input_ids.shape, input_ids.device, _draw_device(generator, input_ids.device)
+    draw = torch.rand(shape, generator=generator, device=src).to(device)
     picked = (draw < mask_prob) & candidates
     labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
     # One second uniform draw splits the picked tokens 80 / 10 / 10.
-    action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    action = torch.rand(shape, generator=generator, device=src).to(device)
     to_mask = picked & (action < 0.8)
     to_random = picked & (action >= 0.8) & (action < 0.9)
-    random_ids = torch.randint(
-        vocab_size, input_ids.shape, generator=generator, device=input_ids.device, dtype=input_ids.dtype
-    )
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=src, dtype=input_ids.dtype)
+    random_ids = random_ids.to(device)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
@@ -57,15 +67,15 @@ def mask_regions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (image_feat with 90% of picked regions zeroed, region labels: 1 where picked, else -100)."""
     # image_feat: (B, R, D); image_mask: (B, R); region 0 is the global [IMG] region
-    shape = image_mask.shape
+    shape, device, src = image_mask.shape, image_feat.device, _draw_device(generator, image_feat.device)
     candidates = image_mask.bool().clone()
     candidates[..., 0] = False
 
-    draw = torch.rand(shape, generator=generator, device=image_feat.device)
+    draw = torch.rand(shape, generator=generator, device=src).to(device)
     picked = (draw < mask_prob) & candidates
-    action = torch.rand(shape, generator=generator, device=image_feat.device)
+    action = torch.rand(shape, generator=generator, device=src).to(device)
     zeroed = picked & (action < 0.9)
 
     masked_feat = image_feat.masked_fill(zeroed.unsqueeze(-1), 0.0)
-    labels = torch.where(picked, torch.ones(shape, dtype=torch.long, device=image_feat.device), IGNORE_INDEX)
+    labels = torch.where(picked, torch.ones(shape, dtype=torch.long, device=device), IGNORE_INDEX)
     return masked_feat, labels
