@@ -118,7 +118,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     else:
         obj = safe_pickle_loads(path.read_bytes())
         container = "pickle"
-        if obj == _TORCH_LEGACY_MAGIC:  # pre-1.6 torch.save layout: a pickled magic number comes first
+        # pre-1.6 torch.save layout: a pickled magic number comes first (type check: `==` on an array is no bool)
+        if type(obj) is int and obj == _TORCH_LEGACY_MAGIC:
             obj, container = _torch_load(path), "torch"
     state = obj
     for wrapper in ("model", "state_dict"):

@@ -240,6 +240,10 @@ def test_unreadable_checkpoints(tmp_path):
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot unpickle"):
         Detector.from_checkpoint(junk, device="cpu", config=SMALL)
+    bare = tmp_path / "bare_array.pkl"
+    bare.write_bytes(pickle.dumps(np.zeros(3)))
+    with pytest.raises(CheckpointError, match="expected a dict of tensors, found ndarray"):
+        Detector.from_checkpoint(bare, device="cpu", config=SMALL)
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
