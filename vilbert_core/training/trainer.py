@@ -609,7 +609,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            lr = max(scheduler.get_last_lr())  # the fresh parameters' rate (BERT ones run at a multiple)
+            # the base rate of --lr: BERT-initialised groups run at bert_lr_mult times it, above or below
+            lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_mult"]
             scheduler.step()
             step += 1
 
