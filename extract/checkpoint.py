@@ -223,6 +223,14 @@ def infer_depth(state: dict[str, torch.Tensor]) -> int | None:
     return {6: 50, 23: 101}.get(len(blocks))
 
 
+def _listing(items: list[str], sep: str) -> str:
+    """The first _MAX_LISTED items joined by sep, then how many more there are."""
+    text = sep.join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        text += f"{sep}... ({len(items) - _MAX_LISTED} more)"
+    return text
+
+
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint in the model's conventions, with its provenance."""
@@ -248,15 +256,9 @@ class LoadedCheckpoint:
                 f"checkpoint {self.path} ({self.format}) does not fit the detector (depth {self.depth_text(model)}):"
             ]
             if missing:
-                parts.append(f"{len(missing)} missing tensors: " + ", ".join(missing[:_MAX_LISTED]))
-                if len(missing) > _MAX_LISTED:
-                    parts[-1] += f", ... ({len(missing) - _MAX_LISTED} more)"
+                parts.append(f"{len(missing)} missing tensors: " + _listing(missing, ", "))
             if misshaped:
-                parts.append(
-                    f"{len(misshaped)} tensors with the wrong shape: " + "; ".join(misshaped[:_MAX_LISTED])
-                )
-                if len(misshaped) > _MAX_LISTED:
-                    parts[-1] += f"; ... ({len(misshaped) - _MAX_LISTED} more)"
+                parts.append(f"{len(misshaped)} tensors with the wrong shape: " + _listing(misshaped, "; "))
             raise CheckpointError("\n  ".join(parts))
         if unexpected:
             logger.warning(
