@@ -521,14 +521,14 @@ def run_eval(
         raise EvalError(f"--task {task!r} is not one of {', '.join(EVAL_TASKS)}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in ("fp32", "bf16"):
+        raise EvalError(f"--precision must be fp32 or bf16, got {precision!r}")
     loaded = (
         model
         if isinstance(model, LoadedModel)
         else load_model(model, vocab=vocab, answers=answers, device=device)
     )
     _require_kind(loaded, task)
-    if precision not in ("fp32", "bf16"):
-        raise EvalError(f"--precision must be fp32 or bf16, got {precision!r}")
     if task == "retrieval" and loaded.kind == "pretraining":
         logger.info("pretraining model: zero-shot retrieval through the alignment head")
     data_dirs = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
