@@ -70,13 +70,10 @@ def _split_name(info: dict[str, Any], data_dir: Path, taken: set[str]) -> str:
     return name
 
 
-def _count_items(info: dict[str, Any], keys: Sequence[str]) -> int | None:
-    """A progress total from task.json counts, when one of `keys` is there."""
-    counts = info.get("counts") or {}
-    for k in keys:
-        if isinstance(counts.get(k), int):
-            return counts[k]
-    return None
+def _record_count(info: dict[str, Any]) -> int | None:
+    """A progress total: the record count of task.json, when it has one."""
+    records = (info.get("counts") or {}).get("records")
+    return records if isinstance(records, int) else None
 
 
 def _batches(
@@ -160,8 +157,7 @@ def eval_vqa(
         )
     predictions: dict[int, str] = {}
     questions: list[dict] = []
-    bar = tqdm(total=_count_items(info, ("records",)), desc="vqa", unit="q",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(total=_record_count(info), desc="vqa", unit="q", disable=not progress)
     for batch in _batches(loaded, data_dir, "vqa", batch_size, 0, num_workers):
         logits = loaded.model(**_inputs(batch)).vqa_logits  # (B,A)
         for qid, a, gts, atype in zip(
@@ -238,7 +234,7 @@ def eval_refcoco(
     _require_kind(loaded, "refcoco")
     correct_all: list[bool] = []
     predictions: list[dict] = []
-    bar = tqdm(total=_count_items(info, ("records",)), desc="refcoco", unit="ref", disable=not progress)
+    bar = tqdm(total=_record_count(info), desc="refcoco", unit="ref", disable=not progress)
     for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0, num_workers):
         logits = loaded.model(**_inputs(batch)).region_logits  # (B,R)
         valid = batch["image_mask"].bool().clone()
@@ -284,7 +280,7 @@ def eval_pretrain(
     sums_tok = {"correct": 0, "nll": 0.0, "count": 0}
     sums_reg = {"kl": 0.0, "count": 0}
     sums_al = {"correct": 0, "count": 0}
-    bar = tqdm(total=_count_items(info, ("records",)), desc="pretrain", unit="pair", disable=not progress)
+    bar = tqdm(total=_record_count(info), desc="pretrain", unit="pair", disable=not progress)
     for batch in _batches(loaded, data_dir, "captions", batch_size, seed, num_workers):
         aligned = batch["align_label"] > 0.5  # (B,)
         ids, mlm_labels = mask_tokens(
