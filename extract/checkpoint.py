@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .boxes import caffe_anchors, detectron2_anchors
+from .config import RES4_BLOCKS
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def normalise_state(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch
 def infer_depth(state: dict[str, torch.Tensor]) -> int | None:
     """ResNet depth from the number of res4 blocks (6 -> 50, 23 -> 101), None if neither."""
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.res4\.(\d+)\.", k))}
-    return {6: 50, 23: 101}.get(len(blocks))
+    return {n: depth for depth, n in RES4_BLOCKS.items()}.get(len(blocks))
 
 
 def _listing(items: list[str], sep: str) -> str:
@@ -252,9 +253,8 @@ class LoadedCheckpoint:
         )
         unexpected = sorted(k for k in self.state if k not in expected)
         if missing or misshaped:
-            parts = [
-                f"checkpoint {self.path} ({self.format}) does not fit the detector (depth {self.depth_text(model)}):"
-            ]
+            depth = infer_depth(expected) or "?"
+            parts = [f"checkpoint {self.path} ({self.format}) does not fit the detector (depth {depth}):"]
             if missing:
                 parts.append(f"{len(missing)} missing tensors: " + _listing(missing, ", "))
             if misshaped:
@@ -265,12 +265,6 @@ class LoadedCheckpoint:
                 "checkpoint %s: ignoring %d unused tensors: %s", self.path, len(unexpected), unexpected[:10]
             )
         model.load_state_dict({k: self.state[k].to(expected[k].dtype) for k in expected}, strict=True)
-
-    @staticmethod
-    def depth_text(model: nn.Module) -> str:
-        """The model's depth as text for error messages."""
-        n = len(getattr(getattr(model, "backbone", None), "res4", []))
-        return {6: "50", 23: "101"}.get(n, "?")
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:

@@ -11,6 +11,7 @@ NUM_CLASSES = 1600  # Visual Genome object classes, plus background at index 0
 NUM_ATTRIBUTES = 400  # Visual Genome attributes, plus "no attribute" at index 0
 
 FEATURE_DIMS = {"res4": 1024, "res5": 2048}
+RES4_BLOCKS = {50: 6, 101: 23}  # ResNet depth -> bottleneck blocks in res4
 AUTOCAST_DTYPES = (None, "bf16", "fp16")
 
 
@@ -35,7 +36,7 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         """Check the settings so that a bad value fails at construction, not deep inside a forward pass."""
-        if self.depth not in (50, 101):
+        if self.depth not in RES4_BLOCKS:
             raise ValueError(f"DetectorConfig.depth must be 50 or 101, got {self.depth!r}")
         if self.feature_layer not in FEATURE_DIMS:
             raise ValueError(
@@ -65,7 +66,7 @@ class DetectorConfig:
     @property
     def res4_blocks(self) -> int:
         """Number of bottleneck blocks in res4 for this depth."""
-        return {50: 6, 101: 23}[self.depth]
+        return RES4_BLOCKS[self.depth]
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy of every setting."""
