@@ -17,6 +17,7 @@ from vilbert_core.training.trainer import (
     TrainArgs,
     TrainingDiverged,
     TrainingError,
+    build_model,
     default_loader_factory,
     run_train,
 )
@@ -277,3 +278,15 @@ def test_vqa_fine_tuning_from_a_pretrained_model_in_bf16(tmp_path, data):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
     val = [r for r in records if r.get("split") == "val"]
     assert val and 0.0 <= val[-1]["vqa_score"] <= 1.0 and val[-1]["samples"] == 14
+
+
+@pytest.mark.parametrize("task", ["vqa", "refcoco"])
+def test_checkpoint_keeps_its_answer_count_when_the_shards_give_none(tmp_path, task):
+    """--init-from a tasks checkpoint whose VQA head has 7 answers, with no answers.json: it loads as is."""
+    cfg = ViLBERTConfig.preset("tiny", num_answers=7)
+    ViLBERTForTasks(cfg).save_pretrained(tmp_path / "ckpt")
+    args = TrainArgs(
+        task=task, data="unused", out="unused", vocab="vocab.txt", init_from=str(tmp_path / "ckpt")
+    )
+    model, _ = build_model(args, cfg.vocab_size, cfg.v_feature_size, None, None)
+    assert model.num_answers == 7

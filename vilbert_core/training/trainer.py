@@ -322,7 +322,9 @@ def build_model(
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
     cls = ViLBERTForPretraining if args.task == "pretrain" else ViLBERTForTasks
-    kwargs = {} if args.task == "pretrain" else {"num_answers": num_answers or 1}
+    # A checkpoint keeps its own VQA answer count unless the shards' answers.json gives one: forcing a
+    # count onto a checkpoint whose VQA head has another size would make loading fail on the shape.
+    kwargs = {"num_answers": num_answers} if args.task != "pretrain" and num_answers is not None else {}
     bert_names: set[str] = set()
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     if source is not None:
