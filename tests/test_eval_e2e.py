@@ -6,7 +6,6 @@ regions or pairs tied), so each metric can be worked out by hand from the annota
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -14,21 +13,15 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from eval_fixtures import D, npy, tiny, write_run
 
-from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
+from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.evaluation.evaluator import run_eval
 from vilbert_core.evaluation.loading import EvalError
 from vilbert_core.evaluation.metrics import vqa_question_accuracy
 
-D = 16  # region feature size of these tests
 WORDS = ["what", "is", "the", "color", "how", "many", "dogs", "a", "cat", "red", "two", "on", "grass", "sits",
          "man", "why", "because", "he", "is", "happy", "sad", "yes", "no"]  # fmt: skip
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def write_task_dir(root: Path, task: str, split: str, images: list[tuple[str, int, list[dict]]],
@@ -45,10 +38,10 @@ def write_task_dir(root: Path, task: str, split: str, images: list[tuple[str, in
             sink.write(
                 {
                     "__key__": image_id,
-                    "features.npy": _npy(rng.uniform(0, 2, (k, D)).astype(np.float16)),
-                    "spatial.npy": _npy(spatial),
-                    "boxes.npy": _npy(boxes),
-                    "cls_prob.npy": _npy(prob),
+                    "features.npy": npy(rng.uniform(0, 2, (k, D)).astype(np.float16)),
+                    "spatial.npy": npy(spatial),
+                    "boxes.npy": npy(boxes),
+                    "cls_prob.npy": npy(prob),
                     "meta.json": json.dumps(
                         {"image_id": image_id, "width": 100, "height": 100, "num_boxes": k}
                     ),
@@ -70,21 +63,6 @@ def write_task_dir(root: Path, task: str, split: str, images: list[tuple[str, in
     return root
 
 
-def write_run(
-    root: Path, model: torch.nn.Module, task: str, vocab: Path, answers: list[str] | None = None
-) -> Path:
-    """A run directory as `vilbert-data train` leaves it (contract s.6): weights, config, train_args.json."""
-    model.save_pretrained(root)
-    answers_file = None
-    if answers is not None:
-        answers_file = root / "answers.json"
-        answers_file.write_text(json.dumps(answers))
-    args = {"task": task, "vocab": str(vocab), "num_answers": len(answers) if answers else None,
-            "answers_file": str(answers_file) if answers_file else None, "max_text_len": 20, "max_regions": 36}  # fmt: skip
-    (root / "train_args.json").write_text(json.dumps(args))
-    return root
-
-
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
@@ -92,12 +70,6 @@ def vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS), "?", "."]) + "\n"
     )
     return path
-
-
-def tiny(vocab: Path, **overrides: object) -> ViLBERTConfig:
-    """The tiny preset sized for these shards and this vocabulary."""
-    n = len(vocab.read_text().split())
-    return ViLBERTConfig.preset("tiny", vocab_size=n, v_feature_size=D, **overrides)
 
 
 def zero_linear(linear: torch.nn.Linear, bias: list[float] | float = 0.0) -> None:

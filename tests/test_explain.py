@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -13,20 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from eval_fixtures import D, npy, tiny, write_run
 from PIL import Image
 
-from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
+from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.evaluation.explain import merge_word_pieces, run_explain
 from vilbert_core.evaluation.loading import EvalError
 
-D, K = 16, 6
+K = 6
 WORDS = ["a", "dog", "on", "the", "grass", "red", "cat", "man", "yes", "no", "##s", "run", "##ning"]
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def write_feature_set(root: Path, images: dict[str, Path]) -> Path:
@@ -46,12 +40,12 @@ def write_feature_set(root: Path, images: dict[str, Path]) -> Path:
             sink.write(
                 {
                     "__key__": image_id,
-                    "boxes.npy": _npy(boxes),
-                    "features.npy": _npy(rng.uniform(0, 2, (K, D)).astype(np.float16)),
-                    "spatial.npy": _npy(spatial),
-                    "cls_prob.npy": _npy(rng.dirichlet(np.ones(1601), K).astype(np.float16)),
-                    "objects.npy": _npy(np.ones((K, 2), np.float32)),
-                    "attributes.npy": _npy(np.ones((K, 2), np.float32)),
+                    "boxes.npy": npy(boxes),
+                    "features.npy": npy(rng.uniform(0, 2, (K, D)).astype(np.float16)),
+                    "spatial.npy": npy(spatial),
+                    "cls_prob.npy": npy(rng.dirichlet(np.ones(1601), K).astype(np.float16)),
+                    "objects.npy": npy(np.ones((K, 2), np.float32)),
+                    "attributes.npy": npy(np.ones((K, 2), np.float32)),
                     "json": json.dumps(meta),
                 }
             )
@@ -74,22 +68,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"features": write_feature_set(root / "feats", images), "vocab": vocab, "root": root}
 
 
-def _run_dir(
-    root: Path, model: torch.nn.Module, task: str, vocab: Path, answers: list[str] | None = None
-) -> Path:
-    model.save_pretrained(root)
-    args = {"task": task, "vocab": str(vocab), "max_text_len": 16, "max_regions": 36, "answers_file": None}
-    if answers:
-        (root / "answers.json").write_text(json.dumps(answers))
-        args["answers_file"] = str(root / "answers.json")
-    (root / "train_args.json").write_text(json.dumps(args))
-    return root
-
-
-def _cfg(vocab: Path, **kw: object) -> ViLBERTConfig:
-    return ViLBERTConfig.preset("tiny", vocab_size=len(vocab.read_text().split()), v_feature_size=D, **kw)
-
-
 def test_merge_word_pieces_averages_rows() -> None:
     tokens = ["[CLS]", "run", "##ning", "dog", "##s", "[SEP]"]
     rows = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [0.4, 0.6], [9.0, 9.0]])
@@ -100,11 +78,11 @@ def test_merge_word_pieces_averages_rows() -> None:
 
 def test_explain_pretraining_png_size_and_alignment(setup: dict, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = ViLBERTForPretraining(_cfg(setup["vocab"], v_target_size=1601))
+    model = ViLBERTForPretraining(tiny(setup["vocab"], v_target_size=1601))
     with torch.no_grad():
         model.align_head.weight.zero_()
         model.align_head.bias.fill_(0.7)
-    run = _run_dir(tmp_path / "run", model, "pretrain", setup["vocab"])
+    run = write_run(tmp_path / "run", model, "pretrain", setup["vocab"], max_text_len=16)
     out = tmp_path / "pics" / "dog.png"
     expl = run_explain(run, setup["features"], "photos_dog", "a dog running on the grass", out,
                        size=(640, 480), device="cpu")  # fmt: skip
@@ -126,14 +104,14 @@ def test_explain_pretraining_png_size_and_alignment(setup: dict, tmp_path: Path)
 def test_explain_vqa_answers_and_refer_ranking(setup: dict, tmp_path: Path) -> None:
     torch.manual_seed(0)
     answers = ["yes", "no", "dog", "red"]
-    model = ViLBERTForTasks(_cfg(setup["vocab"], num_answers=4))
+    model = ViLBERTForTasks(tiny(setup["vocab"], num_answers=4))
     last = [m for m in model.vqa_head.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, -1.0, 2.0, 1.0]))
         model.region_head.weight.zero_()
         model.region_head.bias.fill_(-0.5)
-    vqa_run = _run_dir(tmp_path / "vqa", model, "vqa", setup["vocab"], answers)
+    vqa_run = write_run(tmp_path / "vqa", model, "vqa", setup["vocab"], answers, max_text_len=16)
     expl = run_explain(
         vqa_run,
         setup["features"],
@@ -149,7 +127,7 @@ def test_explain_vqa_answers_and_refer_ranking(setup: dict, tmp_path: Path) -> N
     with Image.open(tmp_path / "q.png") as im:
         assert im.size == (500, 700)
 
-    ref_run = _run_dir(tmp_path / "ref", model, "refcoco", setup["vocab"])
+    ref_run = write_run(tmp_path / "ref", model, "refcoco", setup["vocab"], max_text_len=16)
     expl = run_explain(
         ref_run, setup["features"], "photos_cat", "the cat", tmp_path / "r.png", size=(400, 300), device="cpu"
     )
@@ -177,11 +155,12 @@ def test_cli_explain(setup: dict, tmp_path: Path) -> None:
     from cli import app
 
     torch.manual_seed(1)
-    run = _run_dir(
+    run = write_run(
         tmp_path / "run",
-        ViLBERTForPretraining(_cfg(setup["vocab"], v_target_size=1601)),
+        ViLBERTForPretraining(tiny(setup["vocab"], v_target_size=1601)),
         "pretrain",
         setup["vocab"],
+        max_text_len=16,
     )
     out = tmp_path / "cli.png"
     args = ["explain", "--model", str(run), "--features", str(setup["features"]), "--image-id", "photos_dog",
