@@ -253,19 +253,23 @@ class Detector:
     def box_head(self, features: torch.Tensor, boxes: list[torch.Tensor]) -> HeadOutput:
         """RoIPool 14x14 on res4, res5, class and attribute heads for boxes (input pixels) of each image."""
         rois = torch.cat(
-            [torch.cat([torch.full_like(b[:, :1], i), b.float()], dim=1) for i, b in enumerate(boxes)], dim=0
-        )  # (R, 5): batch index, x1, y1, x2, y2
+            [
+                torch.cat([torch.full_like(b[:, :1], i, dtype=torch.float32), b.float()], dim=1)
+                for i, b in enumerate(boxes)
+            ],
+            dim=0,
+        )  # (R, 5) float32: batch index, x1, y1, x2, y2
+        # float32 pooling: the CPU kernel has no bf16 version, and box coordinates must not be rounded.
+        # Cast once here, not per chunk (under autocast each cast copies the whole res4 map).
+        features = features.float()
         parts: list[tuple[torch.Tensor, ...]] = []
         predictor = self.model.roi_heads.box_predictor
         for chunk in rois.split(HEAD_CHUNK):
-            # float32 pooling: the CPU kernel has no bf16 version, and box coordinates must not be rounded
-            pooled = roi_pool(features.float(), chunk.float(), (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16)
+            pooled = roi_pool(features, chunk, (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16)
             res5 = self.model.roi_heads.res5(pooled.contiguous(memory_format=torch.channels_last))
             res5 = res5.mean(dim=(2, 3))  # (r, 2048)
             cls_logits, attr_logits = predictor(res5)
-            parts.append(
-                (pooled.float().mean(dim=(2, 3)), res5.float(), cls_logits.float(), attr_logits.float())
-            )
+            parts.append((pooled.mean(dim=(2, 3)), res5.float(), cls_logits.float(), attr_logits.float()))
         if not parts:
             dev = features.device
             z = [torch.zeros((0, n), device=dev) for n in (1024, 2048, 1601, 401)]
