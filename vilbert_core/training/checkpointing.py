@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,34 @@ def save_checkpoint(
     """Write checkpoints/step-N atomically, then prune to the newest `keep` (never `protect`)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f".step-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unwrap(model).save_pretrained(tmp)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+
+    def fill(folder: Path) -> None:
+        """The model, then the trainer state whose presence marks the checkpoint complete."""
+        unwrap(model).save_pretrained(folder)
+        torch.save(trainer_state, folder / STATE_FILE)
+
+    final = replace_folder(ckpt_root / f"step-{step}", fill)
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             if protect is None or old.resolve() != Path(protect).resolve():
                 shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def replace_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Have `fill` write a temporary sibling folder, then put it in place of `final` in one rename.
+
+    A killed run leaves at worst a hidden `.NAME.tmp-PID` folder, never a half-written `final`.
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    fill(tmp)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
     return final
 
 

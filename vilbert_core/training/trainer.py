@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -36,6 +35,7 @@ from .checkpointing import (
     capture_rng_state,
     latest_checkpoint,
     load_trainer_state,
+    replace_folder,
     restore_rng_state,
     save_checkpoint,
     unwrap,
@@ -680,15 +680,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
 
 def _save_best(run_dir: Path, model: nn.Module, step: int, scores: dict[str, float]) -> None:
     """Replace RUNDIR/best/ atomically with the current model and its validation scores."""
-    tmp = run_dir / f".best.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unwrap(model).save_pretrained(tmp)
-    atomic_write_json(tmp / "val_metrics.json", {"step": step, **scores}, default=str)
-    final = run_dir / "best"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def fill(folder: Path) -> None:
+        """The model and the scores that made it the best."""
+        unwrap(model).save_pretrained(folder)
+        atomic_write_json(folder / "val_metrics.json", {"step": step, **scores}, default=str)
+
+    replace_folder(run_dir / "best", fill)
 
 
 def _write_run_files(
