@@ -142,6 +142,30 @@ class Explanation:
 
 
 # ---------------------------------------------------------------------------------------------- model
+def resolve_head(loaded: LoadedModel, head: str) -> str:
+    """The head to report for `--head` (auto: by model kind and training task); fails when the model lacks it."""
+    if head not in HEADS:
+        raise EvalError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "auto":
+        if loaded.kind == "pretraining":
+            head = "align"
+        elif loaded.train_task == "refcoco":
+            head = "refer"
+        elif loaded.answers is not None and loaded.train_task in (None, "vqa"):
+            head = "vqa"
+        else:
+            head = "pair"
+    if head == "align" and loaded.kind != "pretraining":
+        raise EvalError("--head align needs a pretraining model (a fine-tuned model has no alignment head)")
+    if head in ("vqa", "refer", "pair") and loaded.kind != "tasks":
+        raise EvalError(
+            f"--head {head} needs a fine-tuned model (ViLBERTForTasks); this is a pretraining model"
+        )
+    if head == "vqa" and loaded.answers is None:
+        raise EvalError("--head vqa needs the answer list: a VQA run directory, or --answers FILE")
+    return head
+
+
 @torch.inference_mode()
 def explain_pair(
     loaded: LoadedModel,
@@ -154,8 +178,7 @@ def explain_pair(
     """Run the model on one (image, text) pair -> the explanation and the detected boxes it refers to (K,4)."""
     from pipelines.datasets import build_regions
 
-    if head not in HEADS:
-        raise EvalError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    head = resolve_head(loaded, head)  # before the forward pass: a wrong --head fails at once
     regions = build_regions(sample, loaded.max_regions)
     if regions.feat.shape[1] != loaded.feature_dim:
         raise EvalError(
@@ -189,24 +212,6 @@ def explain_pair(
     for row in detected:
         w, idx = row.topk(k)
         word_regions.append([(int(i), float(v)) for v, i in zip(w, idx, strict=True)])
-
-    if head == "auto":
-        if loaded.kind == "pretraining":
-            head = "align"
-        elif loaded.train_task == "refcoco":
-            head = "refer"
-        elif loaded.answers is not None and loaded.train_task in (None, "vqa"):
-            head = "vqa"
-        else:
-            head = "pair"
-    if head == "align" and loaded.kind != "pretraining":
-        raise EvalError("--head align needs a pretraining model (a fine-tuned model has no alignment head)")
-    if head in ("vqa", "refer", "pair") and loaded.kind != "tasks":
-        raise EvalError(
-            f"--head {head} needs a fine-tuned model (ViLBERTForTasks); this is a pretraining model"
-        )
-    if head == "vqa" and loaded.answers is None:
-        raise EvalError("--head vqa needs the answer list: a VQA run directory, or --answers FILE")
 
     align = pair = answers = ranking = None
     if head == "align":
