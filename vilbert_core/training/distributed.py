@@ -69,13 +69,18 @@ def all_reduce_min(ctx: DistContext, value: float) -> float:
     return float(t.item())
 
 
-def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over all ranks (for logging losses)."""
+def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks, in float64 (for validation totals and counts)."""
     if not ctx.distributed:
         return values
     values = values.detach().clone().to(ctx.device, torch.float64)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / ctx.world_size
+    return values
+
+
+def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (for logging losses)."""
+    return all_reduce_sum(ctx, values) / ctx.world_size if ctx.distributed else values
 
 
 def gather_objects(ctx: DistContext, obj: object) -> list[object]:

@@ -44,6 +44,7 @@ from .distributed import (
     DistContext,
     all_reduce_mean,
     all_reduce_min,
+    all_reduce_sum,
     barrier,
     gather_objects,
     setup_distributed,
@@ -402,7 +403,7 @@ def evaluate(
             total += float(scores.sum())
             count += int(scores.numel())
     model.train(was_training)
-    summed = all_reduce_mean(ctx, torch.tensor([total, float(count)])) * ctx.world_size
+    summed = all_reduce_sum(ctx, torch.tensor([total, float(count)], dtype=torch.float64))
     total, count = float(summed[0]), int(round(float(summed[1])))
     return {TASK_DEFAULTS[task].metric: total / count if count else float("nan"), "samples": count}
 
