@@ -323,9 +323,9 @@ class Detector:
             raise ValueError(f"boxes must have shape (K, 4) as x1, y1, x2, y2; got shape {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError("boxes contain NaN or infinite coordinates")
-        if (arr[:, 2] < arr[:, 0]).any() or (arr[:, 3] < arr[:, 1]).any():
-            bad = np.nonzero((arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]))[0].tolist()
-            raise ValueError(f"boxes {bad[:10]} have x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)")
+        bad = np.nonzero((arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]))[0]
+        if bad.size:
+            raise ValueError(f"boxes {bad[:10].tolist()} have x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)")
         batch = self.preprocess([image])
         given = torch.from_numpy(arr).to(self.device)
         with self.autocast_context():
