@@ -40,9 +40,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Wide grey levels: scale the actual range to 0-255 instead of clipping (16-bit PNGs would be white).
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)) if arr.size else 0.0, float(np.nanmax(arr)) if arr.size else 0.0
-        if mode.startswith("I;16"):
+        if mode.startswith("I;16"):  # a fixed range: 16-bit white stays white
             lo, hi = 0.0, 65535.0
+        elif arr.size:
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        else:
+            lo = hi = 0.0
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
         grey = np.rint(np.nan_to_num(scaled, nan=0.0)).clip(0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
