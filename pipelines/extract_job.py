@@ -83,6 +83,16 @@ class ExtractOptions:
             raise ValueError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
         if self.weights is not None and "://" not in self.weights and not Path(self.weights).is_file():
             raise ValueError(f"--weights {self.weights}: no such file")
+        if self.max_proposals is not None and self.max_proposals < 1:
+            raise ValueError(f"--max-proposals must be >= 1, got {self.max_proposals}")
+        # The detector's own checks (depth, extra fields) run here too, so that a bad setting is a
+        # bad argument (exit 2) now, not a detector that fails to load in every Ray actor (exit 1).
+        from extract import DetectorConfig
+
+        try:
+            DetectorConfig(**{**self.detector_config(), "feature_layer": self.feature_layer})
+        except TypeError as exc:  # an unknown field in detector_extra
+            raise ValueError(f"detector settings: {exc}") from exc
 
     def detector_config(self) -> dict:
         """The DetectorConfig fields these options set."""
