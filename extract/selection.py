@@ -56,11 +56,10 @@ def max_conf_batched(
     num_boxes = scores.shape[0]
     if num_boxes == 0:
         return scores.new_zeros(0)
-    cls_scores = scores[:, 1:]  # (N, C), background dropped
-    boxes64 = plus1_to_continuous(boxes, torch.float64)
-
     if conf_thresh <= 0:  # every pair passes: nothing to prune
         return max_conf_loop(boxes, scores, nms_thresh)
+    cls_scores = scores[:, 1:]  # (N, C), background dropped
+    boxes64 = plus1_to_continuous(boxes, torch.float64)
     max_conf = _max_conf_from_pairs(boxes64, cls_scores, cls_scores >= conf_thresh, nms_thresh)
     if int((max_conf >= conf_thresh).sum()) >= min_boxes:
         return max_conf
