@@ -46,6 +46,16 @@ def _inputs(cfg: ViLBERTConfig) -> dict[str, torch.Tensor]:
     }
 
 
+def _run_both(
+    model: torch.nn.Module, bert: torch.nn.Module, cfg: ViLBERTConfig, **bert_kwargs: object
+) -> tuple[object, object, torch.Tensor]:
+    """Our model's and BERT's outputs on the same batch, and the (B,T) mask of the real tokens."""
+    inputs = _inputs(cfg)
+    text = {k: inputs[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        return model(**inputs), bert(**text, **bert_kwargs), inputs["attention_mask"].bool()
+
+
 @pytest.mark.parametrize("file_format", ["safetensors", "bin_gamma_beta"])
 def test_text_stream_equals_transformers_bert(tmp_path: Path, file_format: str) -> None:
     """With co-attention disabled, text_hidden and mlm_logits equal BertForPreTraining's on real tokens."""
@@ -72,16 +82,7 @@ def test_text_stream_equals_transformers_bert(tmp_path: Path, file_format: str) 
     assert any(k.startswith("cls.seq_relationship") for k in report.skipped)  # NSP head is not used
     assert "vilbert.text_layers.3.ffn.output.weight" in report.loaded
 
-    inputs = _inputs(cfg)
-    with torch.no_grad():
-        ours = model(**inputs)
-        theirs = bert(
-            input_ids=inputs["input_ids"],
-            token_type_ids=inputs["token_type_ids"],
-            attention_mask=inputs["attention_mask"],
-            output_hidden_states=True,
-        )
-    keep = inputs["attention_mask"].bool()
+    ours, theirs, keep = _run_both(model, bert, cfg, output_hidden_states=True)
     torch.testing.assert_close(ours.text_hidden[keep], theirs.hidden_states[-1][keep], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.mlm_logits[keep], theirs.prediction_logits[keep], atol=1e-4, rtol=1e-5)
 
@@ -97,15 +98,7 @@ def test_bare_bertmodel_folder_into_tasks_model(tmp_path: Path) -> None:
     report = init_text_from_bert(model, tmp_path)
     assert any(k.startswith("pooler.") for k in report.skipped)  # BERT's tanh pooler is not ViLBERT's
     assert torch.equal(model.vilbert.visual_layers[0].ffn.output.weight, visual_before)
-    inputs = _inputs(cfg)
-    with torch.no_grad():
-        ours = model(**inputs)
-        theirs = bert(
-            input_ids=inputs["input_ids"],
-            token_type_ids=inputs["token_type_ids"],
-            attention_mask=inputs["attention_mask"],
-        )
-    keep = inputs["attention_mask"].bool()
+    ours, theirs, keep = _run_both(model, bert, cfg)
     torch.testing.assert_close(ours.text_hidden[keep], theirs.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
 
 
