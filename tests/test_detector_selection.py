@@ -68,6 +68,15 @@ def test_batched_selection_matches_per_class_loop(seed, n, temperature, passing,
         assert float(max_conf[i]) == ref_conf[i]
 
 
+def test_zero_threshold_matches_per_class_loop():
+    # every pair passes a threshold of 0, so nothing can be pruned: the per-class loop decides
+    boxes, scores = random_case(3, 50, 2.0)
+    keep, max_conf = select_regions(boxes, scores, 0.3, 0.0, 10, 36)
+    ref_keep, ref_conf = reference_selection(boxes, scores, conf_thresh=0.0)
+    assert len(ref_keep) == 36 and keep.tolist() == ref_keep
+    assert max_conf.tolist() == ref_conf
+
+
 def test_choose_boxes_by_hand():
     conf = torch.tensor([0.1, 0.5, 0.3, 0.05, 0.9, 0.25])
     # 4 pass the threshold: kept in proposal order
