@@ -828,14 +828,8 @@ def init_text_from_bert(model: ViLBERTPreTrainedModel, hf_bert_dir: str | os.Pat
     """Copy a Hugging Face BERT folder's embeddings, layers (and MLM head) into the text stream, as the paper does."""
     from .convert import convert_bert_state_dict
 
-    directory = Path(hf_bert_dir)
-    weights = next(
-        (directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None
-    )
-    if weights is None:
-        raise FileNotFoundError(
-            f"BERT folder {directory} holds neither model.safetensors nor pytorch_model.bin"
-        )
+    # a Hugging Face folder stores its weights under the same two names as ours and the reference's
+    weights, _ = _resolve_checkpoint(Path(hf_bert_dir))
     state, skipped = convert_bert_state_dict(_read_state_dict(weights))
     own = model.state_dict()
     report = LoadReport(source=str(weights), source_format="bert", skipped=skipped)
