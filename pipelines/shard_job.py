@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -80,12 +80,38 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, bytearray]]:
+def _skip(stream: IO[bytes], n: int, name: str) -> None:
+    """Move `n` bytes ahead in a tar stream without keeping them (a seek where the stream can)."""
+    if n <= 0:
+        return
+    seekable = getattr(stream, "seekable", None)
+    if seekable is not None and seekable():
+        stream.seek(n - 1, io.SEEK_CUR)
+        if not stream.read(1):  # a seek past the end does not fail: check the last byte is there
+            raise ShardError(f"{name}: truncated tar (member cut short)")
+        return
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise ShardError(f"{name}: truncated tar (member cut short)")
+        n -= len(chunk)
+
+
+def sample_key(member: str) -> tuple[str, str]:
+    """(WebDataset key, suffix) of a tar member name: the key is the base name up to its first dot."""
+    key, _, suffix = member.rsplit("/", 1)[-1].partition(".")
+    return key, suffix
+
+
+def iter_tar_members(
+    stream: IO[bytes], name: str = "<stream>", keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, bytearray | None]]:
     """(member name, bytes) of the regular files of an uncompressed tar stream, in order.
 
     A small header parser instead of `tarfile`: reading WebDataset samples is the data loader's hot
     loop and `tarfile`'s per-member Python overhead dominated it. Handles ustar (with prefix), GNU
     long names and pax path records, which is what `tarfile` and `webdataset.TarWriter` write.
+    With `keep`, a member whose name it rejects is not read (skipped over) and comes with None.
     """
     long_name: str | None = None
     while True:
@@ -98,37 +124,51 @@ def iter_tar_members(stream: IO[bytes], name: str = "<stream>") -> Iterator[tupl
             raise ShardError(f"{name}: not a tar file (no ustar header)")
         size = _octal(header[124:136])
         kind = header[156:157]
-        data = bytearray(size)  # writable: the loader wraps arrays around it without a copy
-        if stream.readinto(data) < size:
-            raise ShardError(f"{name}: truncated tar (member cut short)")
-        stream.read(-size % 512)  # padding to the next 512-byte block
-        if kind in (b"L", b"x"):  # GNU long name / pax header: they name the next member
-            long_name = bytes(data).rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(bytes(data))
-            continue
-        if kind not in (b"0", b"\0", b"7"):
+        padded = size + (-size % 512)  # members are padded to the next 512-byte block
+        if kind not in (b"0", b"\0", b"7", b"L", b"x"):
             long_name = None
+            _skip(stream, padded, name)
             continue  # directories, links, global pax headers: not sample data
         member = long_name
         if member is None:
             prefix = header[345:500].split(b"\0", 1)[0]
             base = header[0:100].split(b"\0", 1)[0]
             member = (prefix + b"/" + base if prefix else base).decode("utf-8")
+        if kind not in (b"L", b"x") and keep is not None and not keep(member):
+            long_name = None
+            _skip(stream, padded, name)
+            yield member, None
+            continue
+        data = bytearray(size)  # writable: the loader wraps arrays around it without a copy
+        if stream.readinto(data) < size:
+            raise ShardError(f"{name}: truncated tar (member cut short)")
+        stream.read(padded - size)
+        if kind in (b"L", b"x"):  # GNU long name / pax header: they name the next member
+            long_name = bytes(data).rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(bytes(data))
+            continue
         long_name = None
         yield member, data
 
 
-def iter_tar_samples(stream: IO[bytes], name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytearray]]]:
-    """(key, {member suffix: bytes}) for each WebDataset sample of a tar stream, in file order."""
+def iter_tar_samples(
+    stream: IO[bytes], name: str = "<stream>", keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytearray]]]:
+    """(key, {member suffix: bytes}) for each WebDataset sample of a tar stream, in file order.
+
+    With `keep`, the members of samples whose key it rejects are skipped unread: such a sample
+    comes as (key, {}).
+    """
+    keep_member = None if keep is None else (lambda member: keep(sample_key(member)[0]))
     key: str | None = None
     sample: dict[str, bytearray] = {}
-    for member, data in iter_tar_members(stream, name):
-        base = member.rsplit("/", 1)[-1]
-        k, _, suffix = base.partition(".")  # key = everything before the first dot
+    for member, data in iter_tar_members(stream, name, keep_member):
+        k, suffix = sample_key(member)
         if k != key:
             if key is not None:
                 yield key, sample
             key, sample = k, {}
-        sample[suffix] = data
+        if data is not None:
+            sample[suffix] = data
     if key is not None:
         yield key, sample
 
@@ -215,7 +255,8 @@ def open_feature_set(root: str | Path) -> FeatureSet:
         else:  # no index: list the tar's keys (headers only, features skipped)
             log.warning("%s: no parquet index, listing the tar instead", index)
             with open(root / shard, "rb") as f:
-                images.extend((key, None) for key, _ in iter_tar_samples(f, str(root / shard)))
+                keys = iter_tar_samples(f, str(root / shard), keep=lambda _key: False)
+                images.extend((key, None) for key, _ in keys)
     return FeatureSet(root, info, hashlib.sha256(raw).hexdigest(), list(info["shards"]), images)
 
 
@@ -374,7 +415,8 @@ def run_shard(
     bar = progress_bar(len(fs.images), f"shard {task}/{split}", "img", progress)
     for shard in fs.shards:
         with open(fs.root / shard, "rb") as f:
-            for key, sample in iter_tar_samples(f, str(fs.root / shard)):
+            # Images without annotations in this split are skipped unread (their sample is empty).
+            for key, sample in iter_tar_samples(f, str(fs.root / shard), keep=by_image.__contains__):
                 bar.update(1)
                 group = by_image.get(key)
                 if group is None:
