@@ -201,11 +201,6 @@ def main() -> None:
             base = Detector.from_checkpoint(
                 None, device=device, config=DetectorConfig(depth=args.depth, post_nms_topk=args.post_nms_topk)
             )
-        # warm-up (oneDNN / cuDNN algorithm choice) on a small input
-        warm = Detector(
-            base.model, replace(base.config, min_size=200, max_size=300, post_nms_topk=20), device
-        )
-        warm.detect(images[:1])
         lines += [
             "",
             f"Full pipeline: R-{args.depth} C4, {base.config.min_size}/{base.config.max_size}, "
@@ -219,6 +214,7 @@ def main() -> None:
             if autocast == "fp16" and device.type != "cuda":
                 continue
             det = Detector(base.model, replace(base.config, autocast=autocast), device)
+            # warm-up (oneDNN / cuDNN algorithm choice) on a small input, per precision
             warm = Detector(
                 base.model, replace(det.config, min_size=200, max_size=300, post_nms_topk=20), device
             )
