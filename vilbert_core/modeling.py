@@ -538,6 +538,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _copy_tensors(own: dict[str, Tensor], usable: dict[str, Tensor]) -> list[str]:
+    """Copy checked tensors into the model's state (a state_dict(), which shares its storage); sorted names."""
+    with torch.no_grad():
+        for name, tensor in usable.items():
+            own[name].copy_(tensor)
+    return sorted(usable)
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load tensors from a .safetensors file or a torch state dict (weights_only=True)."""
     if path.suffix == ".safetensors":
@@ -710,10 +718,7 @@ class ViLBERTPreTrainedModel(nn.Module):
             if absent:
                 problems.append(f"{len(absent)} parameters missing from the checkpoint: " + ", ".join(absent))
             raise ValueError(f"cannot load {source} into {type(self).__name__}: " + " | ".join(problems))
-        with torch.no_grad():
-            for name, tensor in usable.items():
-                own[name].copy_(tensor)
-        report.loaded = sorted(usable)
+        report.loaded = _copy_tensors(own, usable)
         report.fresh = fresh
         return report
 
@@ -852,8 +857,5 @@ def init_text_from_bert(model: ViLBERTPreTrainedModel, hf_bert_dir: str | os.Pat
         problems.append("text-stream parameters absent from BERT: " + ", ".join(missing))
     if problems:
         raise ValueError(f"cannot initialise the text stream from {weights}: " + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in usable.items():
-            own[name].copy_(tensor)
-    report.loaded = sorted(usable)
+    report.loaded = _copy_tensors(own, usable)
     return report
