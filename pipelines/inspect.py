@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,18 @@ def finished_shards(out: str | Path) -> list[str]:
     return [p.name[: -len(STATS_SUFFIX)] for p in stats]
 
 
-def read_index(out: str | Path, shards: list[str] | None = None) -> list[dict]:
-    """All parquet index rows of `shards` (default: the complete ones), each with its stem under "shard"."""
+def iter_index(out: str | Path, shards: list[str] | None = None) -> Iterator[dict]:
+    """Parquet index rows of `shards` (default: the complete ones), shard by shard, with "shard" added."""
     import pyarrow.parquet as pq
 
-    rows = []
     for name in finished_shards(out) if shards is None else shards:
         for row in pq.read_table(Path(out) / f"{name}.parquet").to_pylist():
-            rows.append({**row, "shard": name})
-    return rows
+            yield {**row, "shard": name}
+
+
+def read_index(out: str | Path, shards: list[str] | None = None) -> list[dict]:
+    """All parquet index rows of `shards` (default: the complete ones), each with its stem under "shard"."""
+    return list(iter_index(out, shards))
 
 
 def summarize(out: str | Path) -> dict:
@@ -114,13 +118,18 @@ def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> st
 
 def load_sample(out: str | Path, image_id: str | None = None) -> dict:
     """Members of one image (decoded .npy arrays and the json dict); the first ok image when no id."""
-    rows = [
-        r for r in read_index(out) if r["status"] == "ok" and (image_id is None or r["image_id"] == image_id)
-    ]
-    if not rows:
+    # Stops reading indexes at the first match rather than loading every shard's.
+    row = next(
+        (
+            r
+            for r in iter_index(out)
+            if r["status"] == "ok" and (image_id is None or r["image_id"] == image_id)
+        ),
+        None,
+    )
+    if row is None:
         what = f"image id {image_id!r}" if image_id else "any successfully extracted image"
         raise KeyError(f"{out}: no {what} in the finished shards")
-    row = rows[0]
     prefix = row["image_id"] + "."
     sample: dict = {}
     with tarfile.open(Path(out) / f"{row['shard']}.tar") as tar:
