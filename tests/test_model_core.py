@@ -176,6 +176,19 @@ def test_coattention_layer_matches_plain_loop() -> None:
                 assert probs[0][1, :, :, 2:].abs().max() == 0  # padded regions get no weight
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_coattention_dropout_rates_follow_the_reference(impl: str) -> None:
+    """Text->image attention drops at v_attention_probs_dropout_prob, image->text at attention_probs_dropout_prob."""
+    torch.manual_seed(0)
+    cfg = _tiny(v_attention_probs_dropout_prob=0.5, attn_implementation=impl)
+    co = ViLBERTForPretraining(cfg).train().vilbert.co_layers[0].co_attention
+    text, image = torch.randn(2, 6, cfg.hidden_size), torch.randn(2, 4, cfg.v_hidden_size)
+    with torch.no_grad():
+        first, second = co(image, None, text, None), co(image, None, text, None)
+    assert torch.equal(first[0], second[0])  # regions attend over text: no dropout
+    assert not torch.allclose(first[1], second[1])  # text attends over regions: dropout 0.5
+
+
 # ------------------------------------------------------------------ padding and implementations
 def _all_outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor output of a forward pass, by name."""

@@ -238,7 +238,10 @@ class ViLBERTCoAttention(nn.Module):
         self.config = config
         bi, v, t = config.bi_hidden_size, config.v_hidden_size, config.hidden_size
         self.heads = config.bi_num_attention_heads
-        self.attn_dropout = config.attention_probs_dropout_prob
+        # as in the reference: text queries over regions drop attention weights at the visual stream's
+        # rate, region queries over text at the text stream's
+        self.t2i_dropout = config.v_attention_probs_dropout_prob
+        self.i2t_dropout = config.attention_probs_dropout_prob
         # projections of the visual stream (reference: query1/key1/value1)
         self.v_query = nn.Linear(v, bi)
         self.v_key = nn.Linear(v, bi)
@@ -265,7 +268,7 @@ class ViLBERTCoAttention(nn.Module):
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(B,R,v_hidden), (B,T,hidden) -> same shapes, plus (text->image, image->text) probs if asked."""
         h = self.heads
-        p = self.attn_dropout if self.training else 0.0
+        t2i_p, i2t_p = (self.t2i_dropout, self.i2t_dropout) if self.training else (0.0, 0.0)
         impl = self.config.attn_implementation
         v_q, v_k, v_v = (
             _split_heads(f(image), h) for f in (self.v_query, self.v_key, self.v_value)
@@ -275,11 +278,11 @@ class ViLBERTCoAttention(nn.Module):
         )  # (B,H,T,d)
         # text queries over regions (padded regions masked) -> (B,H,T,d); probs (B,H,T,R)
         t_ctx, t2i = attend(
-            t_q, v_k, v_v, image_keep, dropout_p=p, implementation=impl, need_probs=output_attentions
+            t_q, v_k, v_v, image_keep, dropout_p=t2i_p, implementation=impl, need_probs=output_attentions
         )
         # region queries over text (padded tokens masked) -> (B,H,R,d); probs (B,H,R,T)
         v_ctx, i2t = attend(
-            v_q, t_k, t_v, text_keep, dropout_p=p, implementation=impl, need_probs=output_attentions
+            v_q, t_k, t_v, text_keep, dropout_p=i2t_p, implementation=impl, need_probs=output_attentions
         )
         image = self.v_layer_norm(image + self.v_dropout(self.v_output(_merge_heads(v_ctx))))
         text = self.t_layer_norm(text + self.t_dropout(self.t_output(_merge_heads(t_ctx))))
