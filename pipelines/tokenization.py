@@ -55,7 +55,11 @@ class TextTokenizer:
             path = path / "vocab.txt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no vocab.txt or tokenizer.json found")
-        wp = BertWordPieceTokenizer(str(path), lowercase=True, strip_accents=True, clean_text=True)
+        try:
+            wp = BertWordPieceTokenizer(str(path), lowercase=True, strip_accents=True, clean_text=True)
+        except (TypeError, ValueError, OSError) as err:
+            # tokenizers raises TypeError("sep_token not found ...") for a vocabulary without BERT's specials
+            raise ValueError(f"{path}: not a usable WordPiece vocab.txt ({err})") from err
         return cls(wp._tokenizer, max_len)
 
     def encode(self, text: str, pair: str | None = None) -> tuple[list[int], list[int]]:

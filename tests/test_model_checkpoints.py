@@ -445,3 +445,13 @@ def test_wrapped_project_state_dict_loads(tmp_path: Path) -> None:
         assert report.source_format == "project" and report.fresh == [] and report.skipped == {}
         for name, value in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], value), (prefix, name)
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path: Path) -> None:
+    """A truncated model.safetensors is a ValueError naming the file, not a library traceback."""
+    model = ViLBERTForPretraining(ViLBERTConfig.preset("tiny"))
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        ViLBERTForPretraining.from_pretrained(tmp_path)

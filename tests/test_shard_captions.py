@@ -188,3 +188,11 @@ def test_alignment_negatives_are_other_images_captions(tmp_path) -> None:
     again = [ex["align_label"] for ex in TaskDataset(tmp_path / "task", "captions", tok, batch_size=None,
                                                        shuffle_buffer=8, seed=0)]  # fmt: skip
     assert again == labels[0]
+
+
+def test_vocab_without_bert_specials_is_a_clear_error(tmp_path: Path) -> None:
+    """A vocab.txt lacking [SEP]/[CLS] is a ValueError naming the file, not a tokenizers TypeError."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "a", "red", "circle"]) + "\n")
+    with pytest.raises(ValueError, match="vocab.txt"):
+        TextTokenizer.from_pretrained(vocab)

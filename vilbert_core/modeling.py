@@ -552,9 +552,13 @@ def _copy_tensors(own: dict[str, Tensor], usable: dict[str, Tensor]) -> list[str
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load tensors from a .safetensors file or a torch state dict (weights_only=True)."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint {path} could not be read as safetensors: {err}") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler's message names the offending global; keep it
