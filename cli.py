@@ -376,7 +376,7 @@ def train_cmd(
     )  # fmt: skip
     try:
         summary = run_train(args)
-    except TrainingError as exc:
+    except (TrainingError, FileNotFoundError, ValueError) as exc:  # bad inputs: a message, not a traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if summary["rank"] != 0:  # under torchrun only the first process reports
