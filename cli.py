@@ -340,6 +340,11 @@ def train_cmd(
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
     max_text_len: int = typer.Option(36, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
     max_regions: int = typer.Option(36, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."),
+    feature_norm: str | None = typer.Option(
+        None, "--feature-norm",
+        help="standardize (region features minus the training mean, over the std, per dimension) or none (raw, as the "
+        "reference) [default: standardize for a new model; a checkpoint keeps its own].",
+    ),
     precision: str | None = typer.Option(
         None, "--precision", help="fp32, bf16 or fp16 (CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU]."
     ),
@@ -370,7 +375,7 @@ def train_cmd(
         task=task, data=data, out=out, vocab=vocab, val=val, config=config, init_from=init_from,
         init_text_from=init_text_from, batch_size=batch_size, grad_accum=grad_accum, lr=lr, bert_lr_mult=bert_lr_mult,
         warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
-        precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
+        feature_norm=feature_norm, precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
         clip_grad=clip_grad, progress=progress,
     )  # fmt: skip
@@ -386,6 +391,8 @@ def train_cmd(
     typer.echo(f"trained {summary['steps']} steps ({summary['samples']} samples, {summary['precision']}): {last}")
     if best["metric"] is not None:
         typer.echo(f"best validation {best['metric']:.4f} at step {best['step']} -> {out}/best/")
+    for warning in summary["warnings"]:
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"run folder: {out}")
 
 
@@ -434,11 +441,21 @@ def eval_cmd(
         "--max-images",
         help="Retrieval: score only the first N images and their captions (quick checks).",
     ),
+    train_data: str | None = typer.Option(
+        None, "--train-data",
+        help="VQA: training TASKDIR for the blind baselines (question-only prior, majority answer) [the run's --data].",
+    ),
+    vision_check: bool = typer.Option(
+        True, "--vision-check/--no-vision-check",
+        help="VQA, VCR, RefCOCO: score again with each image's regions taken from another image (one more pass).",
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Score a model with the task's official metrics; write metrics.json, report.md, plots and predictions.
 
-    vqa: official VQA accuracy (overall and per answer type) and the submission file [{"question_id", "answer"}].
+    Beside the model, every report shows what a blind model scores and whether the model uses the image: the score with every image's regions replaced by another image's (a drop of under 1 point is flagged), and the blind baselines.
+
+    vqa: official VQA accuracy (overall, per answer type and question type) beside the question-only prior (most common training answer per question) and the majority answer; the submission file [{"question_id", "answer"}].
 
     vcr: Q->A, QA->R and Q->AR accuracy. refcoco: accuracy (top region IoU >= 0.5) per split.
 
@@ -456,7 +473,8 @@ def eval_cmd(
     try:
         record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
                           num_candidates=num_candidates, seed=seed, precision=precision,
-                          num_workers=num_workers, max_images=max_images, progress=progress)  # fmt: skip
+                          num_workers=num_workers, max_images=max_images, progress=progress,
+                          train_data=train_data, vision_check=vision_check)  # fmt: skip
     except (EvalError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

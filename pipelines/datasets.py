@@ -13,6 +13,10 @@
 
 Regions: the global [IMG] region first (mean of all the image's region features, spatial
 [0, 0, 1, 1, 1], zero class target), then at most `max_regions` detected regions in file order.
+
+`swap_images=True` (VQA, VCR, RefCOCO) gives every image's records the regions of another image of the
+same stream (a cyclic shift by one image): the vision-use diagnostic of `eval` and of training
+validation. A model that answers as well with another image's regions does not use the image.
 """
 
 from __future__ import annotations
@@ -173,6 +177,39 @@ class Regions:
         )
 
 
+SWAP_TASKS = ("vqa", "vcr", "refcoco")  # tasks whose examples can be scored with another image's regions
+
+
+def _donated(own: Regions, donor: Regions, features_only: bool) -> Regions:
+    """`donor`'s regions in place of `own`; features_only keeps own's boxes (and so their IoUs)."""
+    if not features_only:
+        return donor
+    if donor.num_detected == 0:  # nothing to give: no appearance at all
+        return Regions(np.zeros_like(own.raw_feat), own.raw_loc, own.raw_target)
+    # the donor's appearance features on own's boxes, repeated when the donor has fewer regions
+    take = np.arange(own.num_detected) % donor.num_detected
+    return Regions(donor.raw_feat[take], own.raw_loc, own.raw_target)
+
+
+def swap_regions(
+    items: Iterator[tuple[str, list[dict], Regions]], features_only: bool = False
+) -> Iterator[tuple[str, list[dict], Regions]]:
+    """Each (key, records, regions) with the regions of the item before it; the first gets the last's.
+
+    A cyclic shift by one: no image keeps its own regions (a lone image is dropped: there is no other
+    image to give it). Memory: the first image's regions are held until the end.
+    """
+    first = prev = None
+    for item in items:
+        if first is None:
+            first = item
+        else:
+            yield item[0], item[1], _donated(item[2], prev[2], features_only)
+        prev = item
+    if first is not None and prev is not first:
+        yield first[0], first[1], _donated(first[2], prev[2], features_only)
+
+
 def build_regions(sample: dict[str, bytes], max_regions: int, with_gt: bool = False) -> Regions:
     """Regions of a task sample: up to `max_regions` in file order (ground-truth boxes first for VCR)."""
     feat = _npy(sample["features.npy"])  # (K,D)
@@ -275,6 +312,8 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
         batch["question_id"] = torch.tensor([ex["question_id"] for ex in examples], dtype=torch.long)
         batch["answers"] = [ex["answers"] for ex in examples]
         batch["answer_type"] = [ex["answer_type"] for ex in examples]
+        batch["question_type"] = [ex["question_type"] for ex in examples]
+        batch["question"] = [ex["question"] for ex in examples]
     elif task in ("vcr", "retrieval"):
         batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
         if task == "vcr":
@@ -288,6 +327,7 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
         batch["region_target"] = torch.from_numpy(np.where(iou >= 0.5, iou, 0.0).astype(np.float32))
         batch["gt_box"] = torch.tensor([ex["gt_box"] for ex in examples], dtype=torch.float32)
         batch["ref_id"] = [ex["ref_id"] for ex in examples]
+        batch["sent_id"] = [ex["sent_id"] for ex in examples]
     return batch
 
 
@@ -313,11 +353,15 @@ class TaskDataset(IterableDataset):
         feature_dim: int | None = None,
         negative_buffer: int = 256,
         drop_last: bool = False,
+        swap_images: bool = False,
     ) -> None:
         from pipelines.annotations.common import TASKS
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if swap_images and task not in SWAP_TASKS:
+            raise ValueError(f"swap_images is defined for {', '.join(SWAP_TASKS)}, not {task!r}")
+        self.swap_images = swap_images
         if resampled and not steps:
             raise ValueError("resampled shards need steps (batches per rank per epoch)")
         self.urls, infos = expand_urls(urls_or_dir)
@@ -413,10 +457,11 @@ class TaskDataset(IterableDataset):
         caption_pool: list[tuple[str, str]] = []  # (image id, caption) of recent images, for negatives
         image_pool: list[tuple[str, Regions]] = []
         deferred: list[tuple[str, Regions, list[dict]]] = []
-        for key, sample in samples:
-            records = json.loads(sample["ann.json"])
-            regions = build_regions(sample, self.max_regions, with_gt=self.task == "vcr")
-            self._check_dim(key, regions)
+        items = self._decoded(samples)
+        if self.swap_images:
+            # RefCOCO keeps each image's boxes: its targets are the IoUs of those boxes
+            items = swap_regions(items, features_only=self.task == "refcoco")
+        for key, records, regions in items:
             base = {"task": self.task, "image_id": key, "regions": [regions]}
             if self.task == "captions":
                 for r in records:
@@ -438,6 +483,8 @@ class TaskDataset(IterableDataset):
                         "question_id": r["question_id"],
                         "answers": r["answers"],
                         "answer_type": r["answer_type"],
+                        "question_type": r.get("question_type", ""),
+                        "question": r["question"],
                     }
             elif self.task == "refcoco":
                 for r in records:
@@ -449,6 +496,7 @@ class TaskDataset(IterableDataset):
                         "region_iou": iou,
                         "gt_box": r["gt_box"],
                         "ref_id": r["ref_id"],
+                        "sent_id": r.get("sent_id"),
                     }
             elif self.task == "vcr":
                 for r in records:
@@ -476,6 +524,13 @@ class TaskDataset(IterableDataset):
                     else:
                         waiting.append(item)
                 deferred = waiting
+
+    def _decoded(self, samples: Iterator[tuple[str, dict[str, bytes]]]) -> Iterator[tuple[str, list[dict], Regions]]:
+        """(key, records, regions) of each image sample, its feature size checked."""
+        for key, sample in samples:
+            regions = build_regions(sample, self.max_regions, with_gt=self.task == "vcr")
+            self._check_dim(key, regions)
+            yield key, json.loads(sample["ann.json"]), regions
 
     def _remember(self, pool: list, items: list, rng: random.Random) -> None:
         """Add items to a bounded pool, replacing random old entries once it is full."""

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipelines.annotations import Annotation, read_task_annotations
 from pipelines.annotations.common import TASKS
+from pipelines.feature_stats import STATS_FILE, RunningFeatureStats
 from pipelines.matching import ImageMatcher
 from pipelines.progress import progress_bar
 from pipelines.vqa_answers import (
@@ -390,7 +391,7 @@ def run_shard(
     anns = read_task_annotations(task, annotations, split, images_dir=images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "task.json", *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
+    for stale in [out / "task.json", out / STATS_FILE, *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
         stale.unlink(missing_ok=True)  # a previous run: task.json first, so the folder reads as incomplete
     remove_stale_temps(out)  # half-written shards of a killed run
     report = out / "report"
@@ -408,6 +409,8 @@ def run_shard(
         given_boxes = _GivenBoxFeatures(str(weights) if weights else None, device, fs, detector_config)
 
     writer = TaskShardWriter(out, shard_size)
+    # per-dimension statistics of every region written, which `train` standardises the features with
+    stats = RunningFeatureStats()
     written: set[str] = set()
     without_annotations: list[str] = []
     n_records = 0
@@ -425,11 +428,13 @@ def run_shard(
                 if key in written:
                     continue  # the same image twice in a feature set: first copy wins
                 try:
-                    members, row = _task_sample(key, sample, group, task, fs, given_boxes)
+                    members, row, regions = _task_sample(key, sample, group, task, fs, given_boxes)
                 except Exception as exc:  # one bad image must not stop a long job: record it and go on
                     failures.append({"image_id": key, "error": f"{type(exc).__name__}: {exc}"})
                     continue
                 writer.write(key, members, row)
+                for feats in regions:
+                    stats.add(feats)
                 written.add(key)
                 n_records += len(group)
     bar.close()
@@ -440,6 +445,9 @@ def run_shard(
                 {"image": str(ann.ref), "reason": "not_in_shards", "candidates": [], **_summary(ann)}
             )
 
+    feature_stats = stats.result()
+    if feature_stats is not None:
+        feature_stats.save(out / STATS_FILE)
     _write_jsonl(report / "missing_images.jsonl", missing)
     (report / "images_without_annotations.txt").write_text("".join(f"{k}\n" for k in without_annotations))
     _write_jsonl(report / "failures.jsonl", failures)
@@ -467,6 +475,7 @@ def run_shard(
             "feature_dim": fs.feature_dim,
             "dtype": fs.info.get("dtype"),
         },
+        "feature_stats": STATS_FILE if feature_stats is not None else None,
         "answer_vocab": answer_file,
         "num_answers": len(vocab) if vocab is not None else None,
         "annotation_files": [str(Path(a)) for a in annotations],
@@ -488,8 +497,8 @@ def _task_sample(
     task: str,
     fs: FeatureSet,
     given_boxes: _GivenBoxFeatures | None,
-) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Members and index row of one task sample: the image's regions once plus all its records."""
+) -> tuple[dict[str, bytes], dict[str, Any], list[np.ndarray]]:
+    """Members, index row and region feature arrays of one task sample (its regions once, all its records)."""
     absent = [m for m in (*REGION_MEMBERS, "json") if m not in sample]
     if absent:
         raise ShardError(f"feature sample {key} lacks {', '.join(absent)}")
@@ -517,4 +526,5 @@ def _task_sample(
         gt_boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
         members.update(given_boxes(group[0].extra["image"], gt_boxes, feats.dtype, prob_dtype))
     members["ann.json"] = json.dumps(records, ensure_ascii=False).encode()
-    return members, {"num_boxes": int(feats.shape[0]), "num_records": len(records)}
+    regions = [feats] + ([load_npy(members["gt_features.npy"])] if "gt_features.npy" in members else [])
+    return members, {"num_boxes": int(feats.shape[0]), "num_records": len(records)}, regions

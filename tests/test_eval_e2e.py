@@ -124,6 +124,52 @@ def test_eval_vqa_constant_answer(tmp_path: Path, vocab: Path) -> None:
     assert "| overall | 55.00 |" in (tmp_path / "report" / "report.md").read_text()
     png = tmp_path / "report" / "accuracy_by_answer_type_val.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a constant answer ignores the image: other images' regions change nothing, and the report says so
+    assert m["shuffled_images"]["overall"] == 55.0 and m["shuffled_images"]["drop"] == 0.0
+    assert m["vision"] == {"drop_when_images_shuffled": 0.0, "uses_image": False}
+    assert len(m["warnings"]) == 1 and "barely uses the image" in m["warnings"][0]
+    assert "> **Warning**: giving every question another image's regions" in (tmp_path / "report" / "report.md").read_text()
+    assert m["per_question_type"] == {"how many": 55.0}
+
+
+def test_eval_vqa_blind_baselines_from_the_training_split(tmp_path: Path, vocab: Path) -> None:
+    """Question-only prior and majority answer fitted on training shards, scored by hand on the val split."""
+    answers = ["yes", "no", "2", "red"]
+
+    def q(qid: int, text: str, ans: list[str], atype: str, qtype: str) -> dict:
+        return {"question_id": qid, "question": text, "answers": ans, "answer_type": atype, "question_type": qtype,
+                "labels": [], "scores": []}  # fmt: skip
+
+    train = write_task_dir(tmp_path / "train", "vqa", "train", [
+        ("t1", 3, [q(1, "is it red?", ["no"] * 10, "yes/no", "is it"), q(2, "how many dogs?", ["2"] * 10, "number", "how many")]),
+        ("t2", 3, [q(3, "is it red?", ["no"] * 10, "yes/no", "is it"), q(4, "is it big?", ["yes"] * 10, "yes/no", "is it")]),
+        ("t3", 3, [q(5, "what color?", ["red"] * 10, "other", "what color"), q(6, "is it small?", ["no"] * 10, "yes/no", "is it")]),
+    ], answers)  # fmt: skip
+    val = write_task_dir(tmp_path / "val", "vqa", "val", [
+        ("v1", 3, [q(11, "Is it red?", ["no"] * 10, "yes/no", "is it"),  # wording -> "no": right
+                   q(12, "how many cats?", ["3"] * 10, "number", "how many")]),  # type -> "2": wrong
+        ("v2", 3, [q(13, "is it tall?", ["yes"] * 10, "yes/no", "is it"),  # type: no 3, yes 1 -> "no": wrong
+                   q(14, "what color?", ["red"] * 7 + ["blue"] * 3, "other", "what color")]),  # -> "red": 100
+    ], answers)  # fmt: skip
+    torch.manual_seed(0)
+    model = ViLBERTForTasks(tiny(vocab, num_answers=4))
+    zero_linear([m for m in model.vqa_head.modules() if isinstance(m, torch.nn.Linear)][-1], [5.0, 0, 0, 0])
+    run = write_run(tmp_path / "run", model, "vqa", vocab, answers)  # no training data recorded in the run
+    res = run_eval("vqa", run, val, tmp_path / "r", device="cpu", progress=False, train_data=train)
+    m = res["splits"]["val"]
+    prior, majority = m["baselines"]["question_prior"], m["baselines"]["majority_answer"]
+    assert prior["overall"] == 50.0 and prior["per_answer_type"] == {"number": 0.0, "other": 100.0, "yes/no": 50.0}
+    assert prior["per_question_type"] == {"how many": 0.0, "is it": 50.0, "what color": 100.0}
+    assert majority["answer"] == "no" and majority["overall"] == 25.0  # "no" 3 of 6 training questions
+    assert m["baselines"]["train_questions"] == 6
+    # the model always says "yes": right on q13 only -> 25, below the prior
+    assert m["overall"] == 25.0 and m["vision"]["gain_over_question_prior"] == -25.0
+    assert any("does not beat the question-only prior" in w for w in m["warnings"])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| VQA accuracy | model | images shuffled | question-only prior | majority answer ('no') |" in report
+    assert "| q: is it | 50.00 | 50.00 | 50.00 | 50.00 |" in report
+    # without training data the baselines are skipped, not invented
+    assert "baselines" not in run_eval("vqa", run, val, tmp_path / "r2", device="cpu", progress=False)["splits"]["val"]
 
 
 def test_eval_refcoco_ties_pick_first_region_per_split(tmp_path: Path, vocab: Path) -> None:
@@ -157,6 +203,11 @@ def test_eval_refcoco_ties_pick_first_region_per_split(tmp_path: Path, vocab: Pa
     assert res["splits"]["all"] == {"accuracy": pytest.approx(200 / 3), "num_refs": 3}
     preds = json.loads((tmp_path / "report" / "refcoco_predictions_val.json").read_text())
     assert [(p["ref_id"], p["region"], p["correct"]) for p in preds] == [(1, 0, True), (2, 0, False)]
+    # chance: a random region of ref 1 is right 2 times in 3, of ref 2 once in 2
+    assert res["splits"]["val"]["baselines"]["chance"]["accuracy"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    # constant scores ignore the appearance features: no drop, a warning; a lone image (testA) is not swapped
+    assert res["splits"]["val"]["shuffled_images"]["drop"] == 0.0 and res["splits"]["val"]["warnings"]
+    assert "shuffled_images" not in res["splits"]["testA"]
 
 
 def test_eval_vcr_joint(tmp_path: Path, vocab: Path) -> None:
@@ -179,6 +230,8 @@ def test_eval_vcr_joint(tmp_path: Path, vocab: Path) -> None:
     ]
     # answers right for 1, 2; rationales right for 1, 3; both only for 1
     assert (m["q_a"], m["qa_r"], m["q_ar"]) == (50.0, 50.0, 25.0)
+    assert m["baselines"] == {"chance": {"q_a": 25.0, "qa_r": 25.0, "q_ar": 6.25}}
+    assert m["shuffled_images"]["q_a"] == 50.0 and m["shuffled_images"]["drop"] == 0.0
     preds = json.loads((tmp_path / "report" / "vcr_predictions_val.json").read_text())
     assert preds["val-1"]["q_a_probs"] == pytest.approx([0.25] * 4)
     bf16 = run_eval(
@@ -210,6 +263,7 @@ def test_eval_retrieval_ties_and_zero_shot(tmp_path: Path, vocab: Path, kind: st
     assert m["text_retrieval"] == pytest.approx({"r1": 100 / 3, "r5": 100.0, "r10": 100.0})
     assert m["image_retrieval_100cand"] == m["image_retrieval"]  # fewer than 100 candidates: all of them
     assert m["num_images"] == 3 and m["num_captions"] == 5
+    assert m["baselines"]["chance"]["image_retrieval"]["r1"] == pytest.approx(100 / 3)
     assert m["zero_shot"] is (kind == "pretraining")
     assert (tmp_path / "report" / "recall_at_k_test.png").is_file()
     if kind == "tasks":
@@ -237,6 +291,10 @@ def test_eval_pretrain_metrics_and_errors(tmp_path: Path, vocab: Path) -> None:
               for x in b["align_label"].tolist()]  # fmt: skip
     assert m["pairs"] == 5
     assert m["alignment_accuracy"] == pytest.approx(100.0 * sum(labels) / len(labels))
+    # always "matches" is exactly what a blind model can do: at chance, flagged
+    chance = 100.0 * max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    assert m["baselines"]["chance"]["alignment_accuracy"] == pytest.approx(chance)
+    assert any("does not tell a matching caption" in w for w in m["warnings"])
     assert m["perplexity"] >= 1.0 and 0.0 <= m["masked_token_accuracy"] <= 100.0
     assert m["masked_region_kl"] >= 0.0
     again = run_eval("pretrain", run, data, tmp_path / "report2", batch_size=2, device="cpu", progress=False)

@@ -46,6 +46,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
 PROJECT_FORMAT = "vilbert-data/model"
 
 _ACTIVATIONS = ("gelu", "relu", "swish", "gelu_new")
+FEATURE_NORMS = ("none", "standardize")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class ViLBERTConfig:
     v_hidden_act: str = "gelu"
     v_hidden_dropout_prob: float = 0.1
     v_attention_probs_dropout_prob: float = 0.1
+    # "standardize": the region embedding first subtracts the training features' per-dimension mean and
+    # divides by their std (buffers feature_mean / feature_std, set by the trainer from the shards'
+    # feature_stats.json). "none": raw features, as the reference and its released checkpoints.
+    v_feature_norm: str = "none"
     # co-attention
     bi_hidden_size: int = 1024
     bi_num_attention_heads: int = 8
@@ -115,6 +120,8 @@ class ViLBERTConfig:
         ):
             if heads <= 0 or width % heads != 0:
                 problems.append(f"{what} = {width}/{heads}: the width must be a multiple of the heads")
+        if self.v_feature_norm not in FEATURE_NORMS:
+            problems.append(f"v_feature_norm {self.v_feature_norm!r} must be one of {FEATURE_NORMS}")
         if self.fusion_method not in ("mul", "sum"):
             problems.append(f"fusion_method {self.fusion_method!r} must be 'mul' or 'sum'")
         if self.attn_implementation not in ("sdpa", "eager"):

@@ -119,7 +119,13 @@ class ViLBERTTextEmbeddings(nn.Module):
 
 
 class ViLBERTImageEmbeddings(nn.Module):
-    """Region embeddings: Linear(feature) + Linear(5-d box), summed, LayerNorm, dropout."""
+    """Region embeddings: Linear(feature) + Linear(5-d box), summed, LayerNorm, dropout.
+
+    With v_feature_norm="standardize" the features are first standardised per dimension with the
+    training set's statistics (buffers saved with the weights, so every user of the model gets them).
+    Detector features share a component much larger than what tells images apart; raw, small models
+    learn to ignore the image (docs/training.md). "none" is the reference's raw input.
+    """
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__()
@@ -127,9 +133,16 @@ class ViLBERTImageEmbeddings(nn.Module):
         self.location_proj = nn.Linear(5, config.v_hidden_size)
         self.layer_norm = nn.LayerNorm(config.v_hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.v_hidden_dropout_prob)
+        self.standardize = config.v_feature_norm == "standardize"
+        if self.standardize:
+            # identity until set_feature_stats(); (D,) each
+            self.register_buffer("feature_mean", torch.zeros(config.v_feature_size))
+            self.register_buffer("feature_std", torch.ones(config.v_feature_size))
 
     def forward(self, image_feat: Tensor, image_loc: Tensor) -> Tensor:
         """(B,R,D) features and (B,R,5) boxes -> (B,R,v_hidden)."""
+        if self.standardize:
+            image_feat = ((image_feat - self.feature_mean) / self.feature_std).to(image_feat.dtype)
         x = self.feature_proj(image_feat) + self.location_proj(image_loc)
         return self.dropout(self.layer_norm(x))
 
@@ -609,6 +622,25 @@ class ViLBERTPreTrainedModel(nn.Module):
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {implementation!r}")
         self.config.attn_implementation = implementation
+
+    def set_feature_stats(self, mean: Tensor | Any, std: Tensor | Any) -> None:
+        """Set the per-dimension mean and std that a v_feature_norm="standardize" model standardises with."""
+        emb = self.vilbert.image_embeddings
+        if not emb.standardize:
+            raise ValueError(
+                f"this model's v_feature_norm is {self.config.v_feature_norm!r}: it takes raw features and has "
+                "no statistics to set (build it with v_feature_norm='standardize')"
+            )
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        d = self.config.v_feature_size
+        if mean.numel() != d or std.numel() != d:
+            raise ValueError(f"feature statistics of size {mean.numel()}/{std.numel()}, the model takes {d}-d features")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("feature statistics must be finite with a positive std")
+        with torch.no_grad():
+            emb.feature_mean.copy_(mean)
+            emb.feature_std.copy_(std)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied ones counted once)."""

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from pipelines.writers import atomic_write_json
 from vilbert_core.training.trainer import SHARD_TASK  # the shard task each task reads
 
+from .baselines import QuestionPrior, iter_task_records, refcoco_chance, retrieval_chance, vcr_chance
 from .loading import EvalError, LoadedModel, load_model
 from .metrics import (
     RECALL_KS,
@@ -48,6 +49,12 @@ logger = logging.getLogger(__name__)
 
 EVAL_TASKS = ("pretrain", "vqa", "vcr", "refcoco", "retrieval")
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
+# A model whose score falls by less than this (points) when every image's regions are another image's
+# does not use the image: the report says so.
+VISION_DROP_MIN = 1.0
+# A pretraining model whose alignment accuracy stays below the label majority plus this has not learnt
+# to tell matching captions from others.
+ALIGNMENT_MARGIN = 5.0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -77,12 +84,14 @@ def _record_count(info: dict[str, Any]) -> int | None:
 
 
 def _batches(
-    loaded: LoadedModel, data_dir: Path, shard_task: str, batch_size: int, seed: int, num_workers: int = 0
-) -> Iterator[dict]:
+    loaded: LoadedModel, data_dir: Path, shard_task: str, batch_size: int, seed: int, num_workers: int = 0,
+    swap_images: bool = False,
+) -> Iterator[dict]:  # fmt: skip
     """Padded batches of a TASKDIR (no shuffle buffer, no resampling; workers split the shards).
 
     Results are keyed by question / annotation / ref ids, so the order across workers does not matter;
     pretraining negatives depend on the worker count (seeded per worker), so keep it fixed to compare runs.
+    swap_images: every image's records get another image's regions (pipelines.datasets.swap_regions).
     """
     from torch.utils.data import DataLoader
 
@@ -99,6 +108,7 @@ def _batches(
         seed=seed,
         num_answers=len(loaded.answers) if (shard_task == "vqa" and loaded.answers) else None,
         feature_dim=loaded.feature_dim,
+        swap_images=swap_images,
     )
     source = ds if num_workers == 0 else DataLoader(ds, batch_size=None, num_workers=num_workers)
     for batch in source:
@@ -136,11 +146,76 @@ def _require_kind(loaded: LoadedModel, task: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- VQA
+def _vqa_pass(
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int,
+    swap_images: bool = False,
+) -> tuple[dict[int, str], list[dict]]:  # fmt: skip
+    """Predicted answer per question id, and the questions (answers, types, text) in reading order."""
+    predictions: dict[int, str] = {}
+    questions: list[dict] = []
+    desc = "vqa, images shuffled" if swap_images else "vqa"
+    bar = tqdm(total=_record_count(info), desc=desc, unit="q", disable=not progress)
+    for batch in _batches(loaded, data_dir, "vqa", batch_size, 0, num_workers, swap_images):
+        logits = loaded.model(**_inputs(batch)).vqa_logits  # (B,A)
+        for qid, a, gts, atype, qtype, text in zip(
+            batch["question_id"].tolist(),
+            logits.argmax(-1).tolist(),
+            batch["answers"],
+            batch["answer_type"],
+            batch["question_type"],
+            batch["question"],
+            strict=True,
+        ):
+            predictions[qid] = loaded.answers[a]
+            questions.append({"question_id": qid, "answers": gts, "answer_type": atype,
+                              "question_type": qtype or None, "question": text})  # fmt: skip
+        bar.update(len(batch["image_id"]))
+    bar.close()
+    return predictions, questions
+
+
+def _accuracy_tables(acc: dict) -> dict:
+    """The reported part of vqa_accuracy(): overall, per answer type, per question type."""
+    return {k: acc[k] for k in ("overall", "per_answer_type", "per_question_type")}
+
+
+def vqa_vision_report(metrics: dict) -> tuple[dict, list[str]]:
+    """Whether the model uses the image, from its accuracy, the shuffled-image run and the blind prior."""
+    vision: dict[str, Any] = {}
+    warnings: list[str] = []
+    shuffled = metrics.get("shuffled_images")
+    if shuffled is not None:
+        vision["drop_when_images_shuffled"] = shuffled["drop"]
+        if shuffled["drop"] < VISION_DROP_MIN:
+            warnings.append(
+                f"giving every question another image's regions costs only {shuffled['drop']:.2f} points "
+                f"({metrics['overall']:.2f} -> {shuffled['overall']:.2f}): the model barely uses the image"
+            )
+    prior = (metrics.get("baselines") or {}).get("question_prior")
+    if prior is not None:
+        gain = round(metrics["overall"] - prior["overall"], 2)
+        vision["gain_over_question_prior"] = gain
+        if gain <= 0:
+            warnings.append(
+                f"the model ({metrics['overall']:.2f}) does not beat the question-only prior "
+                f"({prior['overall']:.2f}): it does no better than answering from the question alone"
+            )
+    if vision:
+        vision["uses_image"] = not warnings
+    return vision, warnings
+
+
 @torch.inference_mode()
 def eval_vqa(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
-) -> tuple[dict, Any]:
-    """Official VQA accuracy (overall, per answer type) and the predictions in submission format."""
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0,
+    prior: QuestionPrior | None = None, vision_check: bool = True,
+) -> tuple[dict, Any]:  # fmt: skip
+    """Official VQA accuracy (overall, per answer and question type), blind baselines, vision-use check.
+
+    prior: the question-only prior fitted on the training split (baselines.QuestionPrior); its
+    accuracy and the majority answer's are reported beside the model's. vision_check: score again with
+    every image's regions replaced by another image's; the drop shows how much the model uses the image.
+    """
     _require_kind(loaded, "vqa")
     if loaded.answers is None and info.get("answer_vocab"):
         from pipelines.vqa_answers import load_answer_vocab
@@ -155,44 +230,45 @@ def eval_vqa(
             f"{len(loaded.answers)} answers in the answer list but the model's VQA head has "
             f"{loaded.model.config.num_answers}"
         )
-    predictions: dict[int, str] = {}
-    questions: list[dict] = []
-    bar = tqdm(total=_record_count(info), desc="vqa", unit="q", disable=not progress)
-    for batch in _batches(loaded, data_dir, "vqa", batch_size, 0, num_workers):
-        logits = loaded.model(**_inputs(batch)).vqa_logits  # (B,A)
-        for qid, a, gts, atype in zip(
-            batch["question_id"].tolist(),
-            logits.argmax(-1).tolist(),
-            batch["answers"],
-            batch["answer_type"],
-            strict=True,
-        ):
-            predictions[qid] = loaded.answers[a]
-            questions.append({"question_id": qid, "answers": gts, "answer_type": atype})
-        bar.update(len(batch["image_id"]))
-    bar.close()
+    predictions, questions = _vqa_pass(loaded, data_dir, info, batch_size, progress, num_workers)
     if not questions:
         raise EvalError(f"--data {data_dir}: no questions")
     submission = [{"question_id": q, "answer": predictions[q]} for q in sorted(predictions)]
     with_answers = [q for q in questions if q["answers"]]
     metrics: dict[str, Any] = {"num_questions": len(questions)}
-    if with_answers:  # test splits ship no answers: predictions only
-        acc = vqa_accuracy(predictions, with_answers)
-        metrics.update({k: acc[k] for k in ("overall", "per_answer_type", "num_questions")})
+    if not with_answers:  # test splits ship no answers: predictions only
+        return metrics, submission
+    acc = vqa_accuracy(predictions, with_answers)
+    metrics.update({**_accuracy_tables(acc), "num_questions": acc["num_questions"]})
+    if vision_check:
+        shuffled, _ = _vqa_pass(loaded, data_dir, info, batch_size, progress, num_workers, swap_images=True)
+        scored = [q for q in with_answers if q["question_id"] in shuffled]  # a lone image has no other
+        if scored:
+            s_acc = vqa_accuracy(shuffled, scored)
+            same = vqa_accuracy(predictions, scored)["overall"] if len(scored) < len(with_answers) else acc["overall"]
+            metrics["shuffled_images"] = {**_accuracy_tables(s_acc), "num_questions": len(scored),
+                                          "drop": round(same - s_acc["overall"], 2)}  # fmt: skip
+    if prior is not None:
+        blind = {
+            "question_prior": {q["question_id"]: prior.predict(q["question"], q["question_type"]) for q in with_answers},
+            "majority_answer": {q["question_id"]: prior.majority for q in with_answers},
+        }
+        metrics["baselines"] = {name: _accuracy_tables(vqa_accuracy(p, with_answers)) for name, p in blind.items()}
+        metrics["baselines"]["majority_answer"]["answer"] = prior.majority
+        metrics["baselines"]["train_questions"] = prior.num_train_questions
+    metrics["vision"], metrics["warnings"] = vqa_vision_report(metrics)
     return metrics, submission
 
 
 # ---------------------------------------------------------------------------------------------- VCR
-@torch.inference_mode()
-def eval_vcr(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
-) -> tuple[dict, Any]:
-    """VCR Q->A, QA->R and Q->AR accuracy; predictions are the 4 choice probabilities per stage."""
-    _require_kind(loaded, "vcr")
+def _vcr_pass(
+    loaded: LoadedModel, data_dir: Path, batch_size: int, progress: bool, num_workers: int, swap_images: bool = False
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, int]]]:  # fmt: skip
+    """Choice probabilities and labels per annotation id and stage ("q_a", "qa_r")."""
     probs: dict[str, dict[str, list[float]]] = {}
     labels: dict[str, dict[str, int]] = {}
-    bar = tqdm(desc="vcr", unit="q", disable=not progress)
-    for batch in _batches(loaded, data_dir, "vcr", batch_size, 0, num_workers):
+    bar = tqdm(desc="vcr, images shuffled" if swap_images else "vcr", unit="q", disable=not progress)
+    for batch in _batches(loaded, data_dir, "vcr", batch_size, 0, num_workers, swap_images):
         b, c, t = batch["input_ids"].shape  # (B,4,T); image tensors (B,R,...) shared by the 4 choices
         inputs = {k: batch[k].reshape(b * c, t) for k in MODEL_KEYS[:3]}
         for k in MODEL_KEYS[3:]:
@@ -204,56 +280,124 @@ def eval_vcr(
             labels.setdefault(aid, {})[stage] = lab
         bar.update(b)
     bar.close()
+    return probs, labels
+
+
+def _vcr_scores(probs: dict, labels: dict, keep: set[str] | None = None) -> dict[str, float] | None:
+    """VCR accuracies over the questions with both stages and a known answer (optionally only `keep`)."""
+    both = [a for a in sorted(probs) if {"q_a", "qa_r"} <= probs[a].keys() and labels[a]["q_a"] >= 0
+            and (keep is None or a in keep)]  # fmt: skip
+    if not both:
+        return None
+
+    def argmax(v: list[float]) -> int:
+        return max(range(len(v)), key=v.__getitem__)
+
+    return vcr_accuracy(
+        [argmax(probs[a]["q_a"]) for a in both],
+        [labels[a]["q_a"] for a in both],
+        [argmax(probs[a]["qa_r"]) for a in both],
+        [labels[a]["qa_r"] for a in both],
+    ) | {"num_scored": len(both)}
+
+
+def _shuffle_drop(metrics: dict, shuffled: dict | None, key: str, same: float) -> list[str]:
+    """Record the shuffled-image scores and their drop on `key` under metrics; a warning when it is tiny."""
+    if shuffled is None:
+        return []
+    drop = round(same - shuffled[key], 2)
+    metrics["shuffled_images"] = {**shuffled, "drop": drop}
+    metrics.setdefault("vision", {})["drop_when_images_shuffled"] = drop
+    metrics["vision"]["uses_image"] = drop >= VISION_DROP_MIN
+    if drop < VISION_DROP_MIN:
+        return [f"giving every example another image's regions costs only {drop:.2f} points of {key} "
+                f"({same:.2f} -> {shuffled[key]:.2f}): the model barely uses the image"]  # fmt: skip
+    return []
+
+
+@torch.inference_mode()
+def eval_vcr(
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0,
+    vision_check: bool = True,
+) -> tuple[dict, Any]:  # fmt: skip
+    """VCR Q->A, QA->R and Q->AR accuracy beside chance and with shuffled images; predictions per stage."""
+    _require_kind(loaded, "vcr")
+    probs, labels = _vcr_pass(loaded, data_dir, batch_size, progress, num_workers)
     if not probs:
         raise EvalError(f"--data {data_dir}: no VCR questions")
     predictions = {aid: {f"{s}_probs": v for s, v in st.items()} for aid, st in sorted(probs.items())}
-    both = [a for a in sorted(probs) if {"q_a", "qa_r"} <= probs[a].keys() and labels[a]["q_a"] >= 0]
     metrics: dict[str, Any] = {"num_questions": len(probs)}
-    if both:
-
-        def argmax(v: list[float]) -> int:
-            return max(range(len(v)), key=v.__getitem__)
-
-        metrics.update(
-            vcr_accuracy(
-                [argmax(probs[a]["q_a"]) for a in both],
-                [labels[a]["q_a"] for a in both],
-                [argmax(probs[a]["qa_r"]) for a in both],
-                [labels[a]["qa_r"] for a in both],
-            )
-        )
+    scores = _vcr_scores(probs, labels)
+    if scores is None:
+        return metrics, predictions
+    metrics.update({k: v for k, v in scores.items() if k != "num_scored"})
+    metrics["baselines"] = {"chance": vcr_chance()}
+    warnings: list[str] = []
+    if vision_check:
+        s_probs, s_labels = _vcr_pass(loaded, data_dir, batch_size, progress, num_workers, swap_images=True)
+        shuffled = _vcr_scores(s_probs, s_labels)
+        same = scores if shuffled is None or shuffled["num_scored"] == scores["num_scored"] else _vcr_scores(
+            probs, labels, set(s_probs))  # fmt: skip
+        warnings = _shuffle_drop(metrics, shuffled, "q_a", same["q_a"])
+    metrics["warnings"] = warnings
     return metrics, predictions
 
 
 # ---------------------------------------------------------------------------------------------- RefCOCO
-@torch.inference_mode()
-def eval_refcoco(
-    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0
-) -> tuple[dict, Any]:
-    """Accuracy: the top-scoring detected region has IoU >= 0.5 with the referred box."""
-    _require_kind(loaded, "refcoco")
+def _refcoco_pass(
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int,
+    swap_images: bool = False,
+) -> tuple[list[bool], list[float], list[dict]]:  # fmt: skip
+    """Per expression: correct or not, the chance of a random region, and the prediction record."""
     correct_all: list[bool] = []
+    chance: list[float] = []
     predictions: list[dict] = []
-    bar = tqdm(total=_record_count(info), desc="refcoco", unit="ref", disable=not progress)
-    for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0, num_workers):
+    desc = "refcoco, features shuffled" if swap_images else "refcoco"
+    bar = tqdm(total=_record_count(info), desc=desc, unit="ref", disable=not progress)
+    for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0, num_workers, swap_images):
         logits = loaded.model(**_inputs(batch)).region_logits  # (B,R)
         valid = batch["image_mask"].bool().clone()
         valid[:, 0] = False  # the global [IMG] region is not a box to point at
         correct = refcoco_correct(logits, batch["region_iou"], valid)
         top = logits.float().masked_fill(~valid, float("-inf")).argmax(-1)
-        for ref, ok, r, iou in zip(batch["ref_id"], correct.tolist(), top.tolist(), batch["region_iou"].tolist(),
-                                   strict=True):  # fmt: skip
+        for ref, sent, ok, r, iou in zip(batch["ref_id"], batch["sent_id"], correct.tolist(), top.tolist(),
+                                         batch["region_iou"].tolist(), strict=True):  # fmt: skip
             # region index r counts the global region: detected box r - 1 of the image
-            predictions.append({"ref_id": ref, "region": r - 1, "iou": iou[r], "correct": ok})
+            predictions.append({"ref_id": ref, "sent_id": sent, "region": r - 1, "iou": iou[r], "correct": ok})
         correct_all.extend(correct.tolist())
+        chance.extend(refcoco_chance(batch["region_iou"], valid).tolist())
         bar.update(len(batch["image_id"]))
     bar.close()
+    return correct_all, chance, predictions
+
+
+@torch.inference_mode()
+def eval_refcoco(
+    loaded: LoadedModel, data_dir: Path, info: dict, batch_size: int, progress: bool, num_workers: int = 0,
+    vision_check: bool = True,
+) -> tuple[dict, Any]:  # fmt: skip
+    """Accuracy (top detected region has IoU >= 0.5 with the referred box), beside a random region's.
+
+    The vision check gives every image's boxes another image's appearance features (the boxes, and so
+    the IoU targets, stay): a model that points by position and wording alone loses nothing.
+    """
+    _require_kind(loaded, "refcoco")
+    correct_all, chance, predictions = _refcoco_pass(loaded, data_dir, info, batch_size, progress, num_workers)
     if not correct_all:
         raise EvalError(f"--data {data_dir}: no referring expressions")
-    return {
-        "accuracy": 100.0 * sum(correct_all) / len(correct_all),
-        "num_refs": len(correct_all),
-    }, predictions
+    accuracy = 100.0 * sum(correct_all) / len(correct_all)
+    metrics: dict[str, Any] = {"accuracy": accuracy, "num_refs": len(correct_all),
+                               "baselines": {"chance": {"accuracy": 100.0 * sum(chance) / len(chance)}}}  # fmt: skip
+    warnings: list[str] = []
+    if vision_check:
+        s_correct, _, s_pred = _refcoco_pass(loaded, data_dir, info, batch_size, progress, num_workers, True)
+        if s_correct:
+            scored = {(p["ref_id"], p["sent_id"]) for p in s_pred}
+            same = [p["correct"] for p in predictions if (p["ref_id"], p["sent_id"]) in scored]
+            shuffled = {"accuracy": 100.0 * sum(s_correct) / len(s_correct), "num_refs": len(s_correct)}
+            warnings = _shuffle_drop(metrics, shuffled, "accuracy", 100.0 * sum(same) / len(same))
+    metrics["warnings"] = warnings
+    return metrics, predictions
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -280,6 +424,7 @@ def eval_pretrain(
     sums_tok = {"correct": 0, "nll": 0.0, "count": 0}
     sums_reg = {"kl": 0.0, "count": 0}
     sums_al = {"correct": 0, "count": 0}
+    positives = 0
     bar = tqdm(total=_record_count(info), desc="pretrain", unit="pair", disable=not progress)
     for batch in _batches(loaded, data_dir, "captions", batch_size, seed, num_workers):
         aligned = batch["align_label"] > 0.5  # (B,)
@@ -304,11 +449,22 @@ def eval_pretrain(
         ):
             for k, v in part.items():
                 total[k] += v
+        positives += int(aligned.sum())
         bar.update(len(batch["image_id"]))
     bar.close()
     if sums_al["count"] == 0:
         raise EvalError(f"--data {data_dir}: no captions")
-    return pretrain_summary(sums_tok, sums_reg, sums_al), None
+    metrics: dict[str, Any] = pretrain_summary(sums_tok, sums_reg, sums_al)
+    # a blind model's best alignment accuracy: always the more frequent label
+    chance = 100.0 * max(positives, sums_al["count"] - positives) / sums_al["count"]
+    metrics["baselines"] = {"chance": {"alignment_accuracy": chance}}
+    metrics["warnings"] = []
+    if metrics["alignment_accuracy"] < chance + ALIGNMENT_MARGIN:
+        metrics["warnings"].append(
+            f"alignment accuracy {metrics['alignment_accuracy']:.2f} is within {ALIGNMENT_MARGIN:.0f} points of "
+            f"chance ({chance:.2f}): the model does not tell a matching caption from another image's"
+        )
+    return metrics, None
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -432,9 +588,26 @@ def eval_retrieval(
             "pairs_per_second": round(scores.numel() / max(seconds, 1e-9), 1),
             "candidate_seed": seed,
             "max_images": max_images,
+            "baselines": {"chance": retrieval_chance(caption_image, len(image_ids), num_candidates)},
         }
     )
     return metrics, {"ranks": ranks, "image_ids": image_ids}
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def fit_question_prior(train_data: str | Path | None) -> QuestionPrior | None:
+    """The question-only prior of a VQA training TASKDIR; None (with a log line) when there is none."""
+    if train_data is None:
+        logger.warning("no training data known (pass --train-data): VQA blind baselines are not reported")
+        return None
+    path = Path(train_data)
+    if not path.is_dir():
+        logger.warning("training data %s is not a TASKDIR here: VQA blind baselines are not reported", path)
+        return None
+    try:
+        return QuestionPrior.fit(iter_task_records(path))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise EvalError(f"--train-data {path}: cannot fit the question-only prior: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -443,22 +616,67 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
+def vqa_comparison(metrics: dict) -> dict[str, dict[str, float]]:
+    """VQA accuracy of the model and its references by row (overall, answer types, question types).
+
+    Returns {column title: {row: accuracy}} for the model, the shuffled-image run and the blind
+    baselines that were computed.
+    """
+    columns: dict[str, dict] = {"model": metrics}
+    if "shuffled_images" in metrics:
+        columns["images shuffled"] = metrics["shuffled_images"]
+    blind = metrics.get("baselines") or {}
+    if "question_prior" in blind:
+        columns["question-only prior"] = blind["question_prior"]
+    if "majority_answer" in blind:
+        columns[f"majority answer ({blind['majority_answer']['answer']!r})"] = blind["majority_answer"]
+    table: dict[str, dict[str, float]] = {}
+    for title, m in columns.items():
+        rows = {"overall": m["overall"], **m.get("per_answer_type", {})}
+        rows.update({f"q: {k}": v for k, v in m.get("per_question_type", {}).items()})
+        table[title] = rows
+    return table
+
+
+def _comparison_lines(table: dict[str, dict[str, float]], first: str) -> list[str]:
+    """A Markdown table with one column per entry of `table` and one row per key of its first entry."""
+    titles = list(table)
+    lines = [f"| {first} | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+    for row in table[titles[0]]:
+        lines.append(f"| {row} | " + " | ".join(_fmt(table[t].get(row, float("nan"))) for t in titles) + " |")
+    return lines + [""]
+
+
 def markdown_report(task: str, model: str, results: dict[str, dict]) -> str:
-    """The metrics of every split as Markdown tables: scalar metrics first, then grouped ones."""
+    """Every split's metrics as Markdown: warnings, scalars, the model beside its baselines, then groups."""
     lines = [f"# Evaluation: {task}", "", f"Model: `{model}`", ""]
     for split, m in results.items():
-        lines += [f"## {split}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if not isinstance(v, dict)] + [""]
+        lines += [f"## {split}", ""]
+        lines += [f"> **Warning**: {w}" for w in m.get("warnings", [])] + ([""] if m.get("warnings") else [])
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if not isinstance(v, dict | list)] + [""]
         groups = {k: v for k, v in m.items() if isinstance(v, dict)}
-        if task == "retrieval" and groups:
-            lines += ["| protocol | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |", "|---|---|---|---|"]
-            for name, rec in groups.items():
-                lines.append(f"| {name} | " + " | ".join(_fmt(rec[f"r{k}"]) for k in RECALL_KS) + " |")
-            lines.append("")
-        else:
-            for name, sub in groups.items():
-                lines += [f"| {name} | value |", "|---|---|"]
-                lines += [f"| {k} | {_fmt(v)} |" for k, v in sub.items()] + [""]
+        if task == "vqa" and "overall" in m:
+            lines += _comparison_lines(vqa_comparison(m), "VQA accuracy")
+            groups = {k: v for k, v in groups.items() if k == "vision"}
+        if task == "retrieval":
+            recalls = {k: v for k, v in groups.items() if k != "baselines"}
+            chance = (groups.get("baselines") or {}).get("chance", {})
+            if recalls:
+                head = "| protocol | " + " | ".join(f"R@{k}" for k in RECALL_KS)
+                lines += [head + (" | chance R@1 |" if chance else " |"), "|---" * (len(RECALL_KS) + 1 + bool(chance)) + "|"]
+                for name, rec in recalls.items():
+                    cells = [_fmt(rec[f"r{k}"]) for k in RECALL_KS] + ([_fmt(chance[name]["r1"])] if name in chance else [])
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                lines.append("")
+            continue
+        for name, sub in groups.items():
+            if name == "baselines":
+                lines += ["| baseline | metric | value |", "|---|---|---|"]
+                lines += [f"| {b} | {k} | {_fmt(v)} |" for b, vals in sub.items() for k, v in vals.items()] + [""]
+                continue
+            lines += [f"| {name} | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in sub.items()] + [""]
     return "\n".join(lines)
 
 
@@ -469,14 +687,16 @@ def _file_safe(split: str) -> str:
 
 def _plots(task: str, split: str, metrics: dict, extra: Any, out: Path) -> list[str]:
     """Write the task's plots for one split; returns their file names."""
-    from .plots import plot_accuracy_bars, plot_recall_curves
+    from .plots import plot_accuracy_bars, plot_accuracy_comparison, plot_recall_curves
 
     safe = _file_safe(split)
     if task == "vqa" and "per_answer_type" in metrics:
-        values = {"overall": metrics["overall"], **metrics["per_answer_type"]}
+        # the model beside its blind baselines and shuffled images, by answer type (question types: report.md)
+        table = {name: {k: v for k, v in rows.items() if not k.startswith("q: ")}
+                 for name, rows in vqa_comparison(metrics).items()}  # fmt: skip
         return [
-            plot_accuracy_bars(
-                values, out / f"accuracy_by_answer_type_{safe}.png", f"VQA accuracy ({split})"
+            plot_accuracy_comparison(
+                table, out / f"accuracy_by_answer_type_{safe}.png", f"VQA accuracy ({split})"
             ).name
         ]
     if task == "vcr" and "q_a" in metrics:
@@ -506,12 +726,19 @@ def run_eval(
     num_workers: int = 0,
     max_images: int | None = None,
     progress: bool = True,
+    train_data: str | Path | None = None,
+    vision_check: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` on the TASKDIR(s) in `data` for `task`; write the report to `out`; return metrics.json.
 
     precision: "fp32" (default, exact) or "bf16" (autocast; faster on GPUs, scores may move slightly).
     num_workers: DataLoader worker processes reading the shards (0: in this process).
     max_images: retrieval only: score the first N images of the test set and their captions.
+    train_data: VQA: the training TASKDIR the blind baselines (question-only prior, majority answer) are
+    fitted on; default: the run's training data (train_args.json).
+    vision_check: VQA, VCR, RefCOCO: score again with every image's regions taken from another image.
+    Every split's metrics get "baselines" (blind or chance scores) and "warnings" (e.g. the model
+    does not use the image); warnings are also logged.
     """
     if task not in EVAL_TASKS:
         raise EvalError(f"--task {task!r} is not one of {', '.join(EVAL_TASKS)}")
@@ -530,6 +757,7 @@ def run_eval(
     data_dirs = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    prior = fit_question_prior(train_data or loaded.train_data) if task == "vqa" else None
 
     results: dict[str, dict] = {}
     files: list[str] = []
@@ -544,11 +772,15 @@ def run_eval(
         # bf16 autocast only wraps the forward passes; metrics are computed from fp32 copies
         with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if task == "vqa":
-                metrics, extra = eval_vqa(loaded, data_dir, info, batch_size, progress, num_workers)
+                metrics, extra = eval_vqa(
+                    loaded, data_dir, info, batch_size, progress, num_workers, prior, vision_check
+                )
             elif task == "vcr":
-                metrics, extra = eval_vcr(loaded, data_dir, info, batch_size, progress, num_workers)
+                metrics, extra = eval_vcr(loaded, data_dir, info, batch_size, progress, num_workers, vision_check)
             elif task == "refcoco":
-                metrics, extra = eval_refcoco(loaded, data_dir, info, batch_size, progress, num_workers)
+                metrics, extra = eval_refcoco(
+                    loaded, data_dir, info, batch_size, progress, num_workers, vision_check
+                )
             elif task == "pretrain":
                 metrics, extra = eval_pretrain(
                     loaded, data_dir, info, batch_size, progress, seed, num_workers
@@ -558,6 +790,8 @@ def run_eval(
                     loaded, data_dir, info, batch_size, progress, num_candidates, seed, max_images
                 )
         results[split] = metrics
+        for warning in metrics.get("warnings", []):
+            logger.warning("%s (%s): %s", task, split, warning)
         safe = _file_safe(split)
         if task in ("vqa", "vcr", "refcoco"):
             name = f"{task}_predictions_{safe}.json"

@@ -44,6 +44,7 @@ class LoadedModel:
     train_task: str | None  # the task the run was trained on, when known
     weights: Path
     device: torch.device
+    train_data: str | None = None  # the run's training data (train_args.json), for blind baselines
 
     @property
     def feature_dim(self) -> int:
@@ -180,4 +181,5 @@ def load_model(
         train_task=train_task,
         weights=weights,
         device=dev,
+        train_data=targs.get("data"),
     )

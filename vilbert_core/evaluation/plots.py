@@ -54,6 +54,30 @@ def plot_accuracy_bars(
     return save_figure(fig, path)
 
 
+def plot_accuracy_comparison(
+    series: Mapping[str, Mapping[str, float]], path: str | Path, title: str, ylabel: str = "accuracy (%)"
+) -> Path:
+    """Grouped bars: one group per category (e.g. answer type), one bar per series (model, baselines)."""
+    names = list(series)
+    categories = list(dict.fromkeys(c for values in series.values() for c in values))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = _figure(max(5.0, 0.5 * len(categories) * len(names) + 2.5), 3.8)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(categories))]
+        heights = [float(series[name].get(c, float("nan"))) for c in categories]
+        bars = ax.bar(xs, heights, width, label=name, color=f"C{i % 10}")
+        for bar, h in zip(bars, heights, strict=True):
+            if h == h:  # not NaN
+                ax.annotate(f"{h:.0f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def recall_curve(ranks: torch.Tensor, max_k: int) -> list[float]:
     """Recall@K in percent for K = 1..max_k from 0-based ranks."""
     r = ranks.long()

@@ -13,6 +13,7 @@ trains the same model whatever the number of processes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.datasets import SWAP_TASKS
 from pipelines.writers import atomic_write_json
 
 from .checkpointing import (
@@ -114,6 +116,8 @@ class TrainArgs:
     steps: int | None = None
     max_text_len: int = 36
     max_regions: int = 36
+    # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
+    feature_norm: str | None = None
     clip_grad: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
@@ -140,6 +144,8 @@ class TrainArgs:
             lr=self.lr if self.lr is not None else d.lr,
             epochs=self.epochs if (self.epochs is not None or self.steps is not None) else d.epochs,
         )
+        if out.feature_norm not in (None, "standardize", "none"):
+            raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
         if out.precision not in (None, "fp32", "bf16", "fp16"):
             raise TrainingError(f"--precision {out.precision!r} must be fp32, bf16 or fp16")
         if out.grad_accum < 1 or out.batch_size < 1:
@@ -182,12 +188,14 @@ LoaderFactory = Callable[[str, int, int], Iterable[dict[str, Any]]]  # (source, 
 
 
 def default_loader_factory(
-    args: TrainArgs, ctx: DistContext, *, train: bool = True, steps_per_epoch: int | None = None
-) -> LoaderFactory:
+    args: TrainArgs, ctx: DistContext, *, train: bool = True, steps_per_epoch: int | None = None,
+    swap_images: bool = False,
+) -> LoaderFactory:  # fmt: skip
     """Loaders over task shards (pipelines.datasets), split by rank and worker, reshuffled per epoch.
 
     With `resampled` (multi-rank runs), each rank draws shards with replacement and yields exactly
-    steps_per_epoch x grad_accum batches per epoch.
+    steps_per_epoch x grad_accum batches per epoch. swap_images (validation): every image's examples
+    get another image's regions, to measure how much the model uses the image.
     """
     from pipelines.datasets import make_loader
 
@@ -208,6 +216,7 @@ def default_loader_factory(
                 resampled=resampled,
                 steps=steps_per_epoch * args.grad_accum if resampled else None,
                 num_workers=args.num_workers,
+                swap_images=swap_images,
             )
         except (FileNotFoundError, ValueError) as err:
             raise TrainingError(f"{source}: {err}") from None
@@ -318,8 +327,13 @@ def build_model(
     feature_dim: int | None,
     num_answers: int | None,
     resume_dir: Path | None,
+    feature_stats: Any = None,
 ) -> tuple[nn.Module, set[str]]:
-    """The model to train and the names of its BERT-initialised parameters (for the lr multiplier)."""
+    """The model to train and the names of its BERT-initialised parameters (for the lr multiplier).
+
+    feature_stats (pipelines.feature_stats.FeatureStats): what a new model standardises its region
+    features with (needed when it is built with v_feature_norm="standardize", the default).
+    """
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
     cls = ViLBERTForPretraining if args.task == "pretrain" else ViLBERTForTasks
@@ -331,15 +345,68 @@ def build_model(
     if source is not None:
         model = cls.from_pretrained(str(source), **kwargs)
         check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
+        norm = model.config.v_feature_norm
+        if args.feature_norm is not None and args.feature_norm != norm:
+            raise TrainingError(
+                f"--feature-norm {args.feature_norm}: the checkpoint {source} was trained with "
+                f"v_feature_norm={norm!r}, and its weights only fit that input; drop --feature-norm"
+            )
     else:
         cfg = resolve_config(args, vocab_size, feature_dim)
         check_model_matches(cfg, vocab_size, feature_dim, f"--config {args.config}", args.vocab)
         if args.task != "pretrain":
             cfg.num_answers = num_answers or 1
+        cfg.v_feature_norm = args.feature_norm or "standardize"
         model = cls(cfg)
+        if cfg.v_feature_norm == "standardize":
+            if feature_stats is None:
+                raise TrainingError("a model that standardises its region features needs their statistics")
+            if feature_stats.feature_dim != cfg.v_feature_size:
+                raise TrainingError(
+                    f"feature statistics of {feature_stats.feature_dim}-d features, the model takes "
+                    f"{cfg.v_feature_size}-d"
+                )
+            model.set_feature_stats(feature_stats.mean, feature_stats.std)
     if args.init_text_from and resume_dir is None:
         bert_names = set(load_bert_text_stream(model, args.init_text_from))
     return model, bert_names
+
+
+def training_feature_stats(
+    args: TrainArgs, factory: LoaderFactory, per_rank: int, ctx: DistContext, max_images: int = 2000
+) -> tuple[Any, str]:
+    """Per-dimension statistics of the training features, and where they came from.
+
+    A TASKDIR written by `shard` carries them (feature_stats.json, over every region of the split).
+    Otherwise (older TASKDIRs, shard URL lists) they are computed from the real regions of the first
+    training batches, about `max_images` examples over all ranks, summed across ranks so every rank
+    gets the same numbers.
+    """
+    from pipelines.feature_stats import RunningFeatureStats, load_task_feature_stats
+
+    try:
+        stats = load_task_feature_stats(args.data)
+    except ValueError as err:
+        raise TrainingError(f"--data {args.data}: {err}") from None
+    if stats is not None:
+        return stats, f"{args.data}/feature_stats.json"
+    running = RunningFeatureStats()
+    for batch in factory(args.data, 0, per_rank):
+        feat, mask = batch["image_feat"], batch["image_mask"]
+        feat = feat.reshape(-1, *feat.shape[-2:])[:, 1:]  # (N,R-1,D): candidates folded, [IMG] dropped
+        keep = mask.reshape(-1, mask.shape[-1])[:, 1:] != 0
+        running.add(feat[keep].double().numpy())
+        if running.images * ctx.world_size >= max_images:
+            break
+    if running.sum is None:
+        raise TrainingError(f"--data {args.data}: no regions to compute the feature statistics from")
+    totals = all_reduce_sum(
+        ctx, torch.from_numpy(np.concatenate([running.sum, running.sumsq, [running.regions, running.images]]))
+    ).numpy()
+    d = running.sum.shape[0]
+    running.sum, running.sumsq = totals[:d], totals[d : 2 * d]
+    running.regions, running.images = int(round(totals[2 * d])), int(round(totals[2 * d + 1]))
+    return running.result(), f"the first {running.images} training batches' regions (no feature_stats.json)"
 
 
 def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
@@ -408,10 +475,35 @@ def evaluate(
     return {TASK_DEFAULTS[task].metric: total / count if count else float("nan"), "samples": count}
 
 
+# The alignment loss of a model that cannot tell matching pairs from others is ln 2 = 0.693.
+ALIGN_CHANCE_LOSS = 0.68
+# A validation score (in [0, 1]) that moves less than this when images are shuffled: the model ignores them.
+VISION_GAP_MIN = 0.01
+
+
+def training_warnings(task: str, align_losses: list[float], val_record: dict[str, float] | None) -> list[str]:
+    """Warnings about a finished run: alignment at chance, a model that does not use the image."""
+    warnings = []
+    if task == "pretrain" and align_losses and sum(align_losses) / len(align_losses) >= ALIGN_CHANCE_LOSS:
+        mean = sum(align_losses) / len(align_losses)
+        warnings.append(
+            f"the alignment loss stayed at chance ({mean:.3f} over the last {len(align_losses)} steps; "
+            "ln 2 = 0.693): the model does not relate captions to images. Train longer, check that the "
+            "captions describe their images, or that the features differ between images (docs/training.md)"
+        )
+    if val_record and "vision_gap" in val_record and val_record["vision_gap"] < VISION_GAP_MIN:
+        metric = TASK_DEFAULTS[task].metric
+        warnings.append(
+            f"the last validation {metric} moved by {val_record['vision_gap']:.4f} when every example got "
+            "another image's regions: the model answers without looking at the image (docs/training.md)"
+        )
+    return warnings
+
+
 def run_train(
     args: TrainArgs | None = None, *, loader_factory: LoaderFactory | None = None, **kwargs: Any
 ) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary (steps, last losses, best metric, paths)."""
+    """Train (or resume) one run; returns a summary (steps, last losses, best metric, paths, warnings)."""
     args = (args or TrainArgs(**kwargs)).resolved()
     ctx = setup_distributed(args.device)
     try:
@@ -476,8 +568,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         print(f"--resume: no checkpoint under {ckpt_root}; starting from scratch")
     state = load_trainer_state(resume_dir) if resume_dir else None
 
+    # a new model standardises its region features with the training split's statistics (docs/training.md)
+    stats, stats_source = None, None
+    if resume_dir is None and args.init_from is None and args.feature_norm in (None, "standardize"):
+        stats, stats_source = training_feature_stats(args, factory, per_rank, ctx)
+
     _seed_everything(args.seed + ctx.rank)
-    model, bert_names = build_model(args, tokenizer.vocab_size, feature_dim, num_answers, resume_dir)
+    model, bert_names = build_model(args, tokenizer.vocab_size, feature_dim, num_answers, resume_dir, stats)
     if state is not None:
         bert_names = set(state.get("bert_param_names", []))
     model.to(ctx.device)
@@ -525,7 +622,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
 
     if ctx.is_main:
         _write_run_files(
-            args, run_dir, model, answers, num_answers, feature_dim, total_steps, warmup_steps, precision, ctx
+            args, run_dir, model, answers, num_answers, feature_dim, total_steps, warmup_steps, precision, ctx,
+            stats_source,
         )
     log = (
         MetricsLog(run_dir, resume_step=step if state else None, tensorboard=args.tensorboard)
@@ -565,11 +663,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         ck = latest_checkpoint(ckpt_root)
         return str(ck) if ck else "none was written yet"
 
-    val_factory = None
+    val_factory = swap_factory = None
     if args.val:
         val_factory = (
             default_loader_factory(args, ctx, train=False) if loader_factory is None else loader_factory
         )
+        if loader_factory is None and SHARD_TASK[args.task] in SWAP_TASKS:
+            swap_factory = default_loader_factory(args, ctx, train=False, swap_images=True)
 
     bar = None
     if ctx.is_main and args.progress:
@@ -579,6 +679,9 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             total=total_steps, initial=step, desc=f"train {args.task}", unit="step", dynamic_ncols=True
         )
     last: dict[str, float] = {}
+    # the last steps' alignment losses, to warn when pretraining alignment stays at chance
+    align_window: collections.deque[float] = collections.deque(maxlen=max(10, min(50, total_steps // 10)))
+    last_val: dict[str, float] | None = None
     t_last = time.perf_counter()
     samples_since = 0
     try:
@@ -602,6 +705,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             keys = sorted(sums)
             mean = all_reduce_mean(ctx, torch.stack([sums[k] for k in keys]))
             last = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+            if "align" in last:
+                align_window.append(last["align"])
             if not math.isfinite(last["loss"]):
                 raise TrainingDiverged(
                     f"the loss became {last['loss']} at step {step + 1}; training stopped. The last good "
@@ -648,6 +753,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             if do_eval:
                 scores = evaluate(model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
                 metric = scores[TASK_DEFAULTS[args.task].metric]
+                if swap_factory is not None:
+                    # the same examples with other images' regions: how much the score owes to the image
+                    swapped = evaluate(model, swap_factory(args.val, 0, per_rank), args.task, ctx, precision)
+                    name = TASK_DEFAULTS[args.task].metric
+                    scores[f"{name}_images_shuffled"] = swapped[name]
+                    scores["vision_gap"] = metric - swapped[name]
+                last_val = scores
                 if ctx.is_main:
                     log.write({"step": step, "split": "val", **scores})
                 if best["metric"] is None or (math.isfinite(metric) and metric > best["metric"]):
@@ -663,11 +775,13 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         if log is not None:
             log.close()
 
+    warnings = training_warnings(args.task, list(align_window), last_val)
     if ctx.is_main:
         model.save_pretrained(run_dir)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     barrier(ctx)
     return {
+        "warnings": warnings,
         "run_dir": str(run_dir),
         "steps": step,
         "samples": samples_seen,
@@ -701,6 +815,7 @@ def _write_run_files(
     warmup_steps: int,
     precision: str,
     ctx: DistContext,
+    stats_source: str | None = None,
 ) -> None:
     """config.json and train_args.json, which `vilbert-data eval` reads (docs/contracts.md section 6)."""
     unwrap(model).config.to_json_file(run_dir / "config.json")
@@ -711,12 +826,17 @@ def _write_run_files(
     record = {
         **dataclasses.asdict(args),
         "vocab": str(Path(args.vocab).resolve()),
-        "data": args.data,
+        # resolved, so that `eval` finds the training split (for its blind baselines) from any directory
+        "data": str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data,
         "num_answers": num_answers,
         "answers_file": str(answers_copy.resolve()) if answers_copy else None,
         "answers_source": str(answers.resolve()) if answers else None,
         "config_name": args.config,
         "feature_dim": feature_dim,
+        "feature_norm_used": unwrap(model).config.v_feature_norm,
+        # a run started from a checkpoint keeps the statistics stored in its weights
+        "feature_stats_source": stats_source
+        or ("the checkpoint" if unwrap(model).config.v_feature_norm == "standardize" else None),
         "total_steps": total_steps,
         "warmup_steps": warmup_steps,
         "precision_used": precision,
