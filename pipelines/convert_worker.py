@@ -148,6 +148,8 @@ class ConvertWorker:
     """Writes one feature shard per part; `info` describes the source (and detector, when recomputing)."""
 
     def __init__(self, spec: ConvertSpec) -> None:
+        import extract  # noqa: F401 (torch and the detector code load now, as actor start-up, not in a shard)
+
         self.spec = spec
         self.reader = get_reader(spec.format)
         self.recompute = ClassRecomputer(spec.recompute) if spec.recompute else None
