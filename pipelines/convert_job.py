@@ -159,7 +159,7 @@ def run_convert(
 
             # TSV ranges hold about shard_size lines each; other parts know their record count
             total = sum(min(p.items[0].end - p.items[0].start, opts.shard_size) for p in pending)
-            with _ProgressBar(total, opts.progress) as bar:
+            with _ConvertBar(total, opts.progress) as bar:
                 settings = ShardSettings(dtype=opts.dtype, feature_layer=opts.feature_layer)
                 report = run_shards(pending, out_dir, factory, settings, worker_plan, bar, on_info)
         finally:
@@ -178,6 +178,16 @@ def run_convert(
     dataset["summary"].update(_byte_rates(report, timing))
     atomic_write_json(out_dir / DATASET_FILE, dataset)
     return ConvertResult(out_dir, dataset, EXIT_SOME_FAILED if dataset["counts"]["failed"] else EXIT_OK)
+
+
+class _ConvertBar(_ProgressBar):
+    """The extract job's progress bar, named after this job."""
+
+    def __init__(self, total: int, enabled: bool) -> None:  # not super(): it would draw "extract" first
+        from pipelines.progress import progress_bar
+
+        self.bar = progress_bar(total, "convert", "img", enabled, dynamic_ncols=True)
+        self.failed = -1
 
 
 def probe_feature_dim(reader: Any, parts: list[Part]) -> int:
