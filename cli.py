@@ -204,6 +204,118 @@ def inspect_cmd(
         raise typer.Exit(2) from err
 
 
+# ---------------------------------------------------------------- convert, export (owner: pipelines/convert)
+# COMMAND: convert
+@app.command("convert")
+def convert_cmd(
+    sources: list[str] = typer.Argument(
+        ..., help="Released feature files or folders: TSV files, an LMDB folder, a folder of .npz/.npy."
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder for the feature shards and dataset.json."),
+    fmt: str = typer.Option(
+        "auto",
+        "--format",
+        help="auto, butd-tsv, lxmert-tsv, vilbert-lmdb or npz-dir (auto: from path and content).",
+    ),
+    shard_size: int = typer.Option(
+        256, "--shard-size", help="Images per output shard (TSV: about, cut by bytes); the unit of resume."
+    ),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="Storage of features/cls_prob: float32 (the source's bits) or float16."
+    ),
+    workers: int | None = typer.Option(None, "--workers", help="Ray actors. Default: one per CPU."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (else RAY_ADDRESS, else an embedded local Ray)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing feature set in OUT first."),
+    recompute_classes: bool = typer.Option(
+        False,
+        "--recompute-classes",
+        help="Add class/attribute distributions with the detector's given-box mode (needs --weights, --images).",
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Detector checkpoint for --recompute-classes."
+    ),
+    images: str | None = typer.Option(
+        None, "--images", help="The original images (as for extract), for --recompute-classes."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (--recompute-classes)."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """Convert released region features into a feature set like extract's (shard/train/eval read it).
+
+    Reads the bottom-up-attention TSV, LXMERT's TSV, vilbert's LMDB and per-image .npz/.npy. Streams
+    (flat memory), runs on Ray, resumes after a crash. dataset.json says what the source lacked; a set
+    without class distributions cannot be used for pretraining (masked region modelling) unless
+    --recompute-classes adds them. Exit status as extract: 0 all ok, 3 some records failed, 1 the job
+    could not finish, 2 bad arguments or input.
+
+    Example: vilbert-data convert trainval_36/ --out feats/ --format butd-tsv
+    """
+    from pipelines.convert_job import ConvertOptions, format_source, run_convert
+    from pipelines.distributor import ExtractJobError
+    from pipelines.extract_job import EXIT_BAD_INPUT, EXIT_JOB_FAILED, format_summary
+
+    if recompute_classes and weights is None:
+        typer.echo("error: --recompute-classes needs --weights (a detector checkpoint)", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    options = ConvertOptions(
+        format=fmt,
+        shard_size=shard_size,
+        dtype=dtype,
+        workers=workers,
+        ray_address=ray_address,
+        overwrite=overwrite,
+        recompute_classes=recompute_classes,
+        weights=weights,
+        images=images,
+        device=device,
+        progress=progress,
+    )
+    try:
+        result = run_convert(sources, out, options)
+    except ExtractJobError as err:
+        typer.echo(f"error: the job could not finish: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from err
+    except Exception as err:  # Ray or the filesystem broke: still a message and the documented status
+        typer.echo(f"error: the job could not finish: {type(err).__name__}: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
+    typer.echo(format_summary(result.dataset))
+    typer.echo(format_source(result.dataset))
+    typer.echo(f"wrote {out}/dataset.json")
+    raise typer.Exit(result.exit_code)
+
+
+# COMMAND: export
+@app.command("export")
+def export_cmd(
+    features: str = typer.Argument(..., help="A feature set folder (written by extract or convert)."),
+    fmt: str = typer.Option(..., "--format", help="vilbert-lmdb (a folder) or butd-tsv (a file)."),
+    out: str = typer.Option(..., "--out", help="The LMDB folder or TSV file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export at OUT."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """Write a feature set in a layout other trainers read (float32; cls_prob when the set has it).
+
+    Example: vilbert-data export feats/ --format vilbert-lmdb --out coco_feats.lmdb
+    """
+    from pipelines.export_job import run_export
+
+    try:
+        summary = run_export(features, fmt, out, overwrite=overwrite, progress=progress)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(
+        f"wrote {summary['images']} images ({summary['bytes'] / 1e6:.1f} MB) as {fmt} to {out} "
+        f"in {summary['seconds']} s"
+        + ("" if summary["with_cls_prob"] else " (no cls_prob: the set has none)")
+    )
+
+
 # ---------------------------------------------------------------- shard, vocab (owner: pipelines/shard)
 # COMMAND: shard
 @app.command("shard", context_settings={"allow_extra_args": True})

@@ -149,6 +149,8 @@ class ShardActor:
         def report(ok: int, failed: int) -> None:
             progress.update.remote(plan.index, attempt, ok, failed)
 
+        if hasattr(self.detector, "write_shard"):  # a convert job's worker: it writes the shard itself
+            return self.detector.write_shard(plan, self.out_dir, report)
         return process_shard(plan, self.detector, self.out_dir, self.settings, report)
 
 

@@ -73,7 +73,7 @@ def summarize(out: str | Path) -> dict:
         ],
     }
     if dataset is not None:
-        det = dataset.get("detector", {})
+        det = dataset.get("detector") or {}  # null for a converted set (no detector ran)
         summary.update(
             feature_layer=dataset.get("feature_layer"),
             feature_dim=dataset.get("feature_dim"),
@@ -81,6 +81,8 @@ def summarize(out: str | Path) -> dict:
             checkpoint=det.get("checkpoint"),
             sha256=det.get("sha256"),
             random_weights=det.get("random_weights"),
+            converted_from=(dataset.get("source") or {}).get("format"),
+            lacks=dataset.get("lacks", []),
         )
     return summary
 
@@ -90,7 +92,12 @@ def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> st
     lines = [
         f"feature set {summary['out']} ({'complete' if summary['complete'] else 'INCOMPLETE: no dataset.json'})"
     ]
-    if summary.get("feature_layer"):
+    if summary.get("converted_from"):  # released features brought in by `vilbert-data convert`
+        lines.append(
+            f"features: {summary['feature_dim']}-d ({summary['dtype']}), converted from {summary['converted_from']}; "
+            f"lacks: {', '.join(summary['lacks']) or 'nothing'}"
+        )
+    elif summary.get("feature_layer"):
         lines.append(
             f"features: {summary['feature_layer']} ({summary['feature_dim']}-d, {summary['dtype']}), "
             f"detector {summary.get('checkpoint') or 'random weights'}"

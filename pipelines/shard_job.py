@@ -388,6 +388,7 @@ def run_shard(
     if shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
     fs = open_feature_set(features)
+    _refuse_what_the_features_lack(fs, task)
     anns = read_task_annotations(task, annotations, split, images_dir=images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +475,8 @@ def run_shard(
             "feature_layer": fs.info["feature_layer"],
             "feature_dim": fs.feature_dim,
             "dtype": fs.info.get("dtype"),
+            # false for a set converted from features without cls_prob (zeros stored; see convert)
+            "class_distributions": bool(fs.info.get("class_distributions", True)),
         },
         "feature_stats": STATS_FILE if feature_stats is not None else None,
         "answer_vocab": answer_file,
@@ -483,6 +486,15 @@ def run_shard(
     }
     atomic_write_json(out / "task.json", task_info, sort_keys=False)
     return task_info
+
+
+def _refuse_what_the_features_lack(fs: FeatureSet, task: str) -> None:
+    """A converted feature set may lack what a task trains on (class distributions for MRM): say so now."""
+    from pipelines.convert_job import lacking_for_task
+
+    problem = lacking_for_task(fs.info, task)
+    if problem:
+        raise ShardError(f"{fs.root}: {problem}")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
