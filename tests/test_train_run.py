@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,14 @@ def test_clear_errors(tmp_path, data):
     (empty / "task.json").write_text(json.dumps({"task": "captions", "counts": {"records": 0}, "shards": []}))
     with pytest.raises(TrainingError, match="no training samples"):
         run_train(_args(data, tmp_path / "d", data=str(empty)))
+    # captions shards of features converted from a release without class distributions: no MRM target
+    lacking = tmp_path / "lacking"
+    shutil.copytree(data["captions"], lacking)
+    info = json.loads((lacking / "task.json").read_text())
+    info["features"]["class_distributions"] = False
+    (lacking / "task.json").write_text(json.dumps(info))
+    with pytest.raises(TrainingError, match="no class distributions.*--recompute-classes"):
+        run_train(_args(data, tmp_path / "e", data=str(lacking)))
 
 
 def test_cli_train_runs_and_reports_errors(tmp_path, data):

@@ -174,6 +174,13 @@ def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
             f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
             f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
         )
+    if task == "pretrain" and not (info.get("features") or {}).get("class_distributions", True):
+        # features converted from a release without cls_prob: MRM would learn against zeros
+        raise TrainingError(
+            f"{data}: the region features have no class distributions (converted from a release that lacks "
+            "cls_prob), which masked region modelling is trained against; add them with `vilbert-data convert "
+            "--recompute-classes` (docs/convert.md)"
+        )
 
 
 def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
