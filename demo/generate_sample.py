@@ -23,7 +23,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-N_TRAIN, N_VAL = 48, 16
+N_TRAIN, N_VAL = 192, 48
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb: tuple) -> None:
@@ -48,7 +48,7 @@ def make_scene(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, 
         y = rng.randint(0, h)
         shade = tuple(max(0, c - rng.randint(10, 25)) for c in bg)
         draw.line([(0, y), (w, y + rng.randint(-40, 40))], fill=shade, width=rng.randint(2, 6))
-    n = rng.choice([1, 2, 2, 3, 3])
+    n = rng.choice([1, 1, 2, 2, 3])
     shapes = rng.sample(SHAPES, n)
     colors = rng.sample(sorted(COLORS), n)
     objects: list[dict] = []
@@ -77,16 +77,22 @@ def captions_for(objects: list[dict], rng: random.Random) -> list[str]:
 
 
 def questions_for(objects: list[dict], rng: random.Random) -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, question_type) tuples answerable from the picture."""
+    """(question, answer, answer_type, question_type) tuples answerable from the picture.
+
+    Every colour and shape question about every object, a count and two yes/no probes: the wording
+    alone never gives the answer away (each shape comes in every colour), so a model has to look.
+    """
     qs = []
-    target = rng.choice(objects)
-    qs.append((f"what color is the {target['shape']}?", target["color"], "other", "what color is the"))
-    other = rng.choice(objects)
-    qs.append((f"what shape is {other['color']}?", other["shape"], "other", "what"))
+    for o in objects:
+        qs.append((f"what color is the {o['shape']}?", o["color"], "other", "what color is the"))
+        qs.append((f"which shape is {o['color']}?", o["shape"], "other", "which shape is"))
     qs.append(("how many shapes are there?", str(len(objects)), "number", "how many"))
     probe = rng.choice(SHAPES)
     present = any(o["shape"] == probe for o in objects)
     qs.append((f"is there a {probe}?", "yes" if present else "no", "yes/no", "is there a"))
+    colour = rng.choice(sorted(COLORS))
+    present = any(o["color"] == colour for o in objects)
+    qs.append((f"is there a {colour} shape?", "yes" if present else "no", "yes/no", "is there a"))
     return qs
 
 

@@ -62,12 +62,13 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", "--out", str(out), "--sample", str(sample), "--steps", "4"],
+        [sys.executable, "-m", "cli", "demo", "--out", str(out), "--sample", str(sample), "--pretrain-steps", "2",
+         "--steps", "4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # every step's command is printed so the user can rerun it
-    assert proc.stdout.count("$ vilbert-data ") == 10
+    assert proc.stdout.count("$ vilbert-data ") == 12
     assert "RANDOM weights" in proc.stderr
 
     # features: one ok row per image, shards readable, dataset.json consistent
@@ -82,17 +83,17 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
     answers = json.loads((out / "tasks" / "vqa_train" / "answers.json").read_text())
     assert len(answers) > 1
     for task_dir, n in [("captions_train", counts["train"]["images"]), ("vqa_train", counts["train"]["images"]),
-                        ("vqa_val", counts["val"]["images"])]:
+                        ("vqa_val", counts["val"]["images"]), ("captions_val", counts["val"]["images"])]:
         info = json.loads((out / "tasks" / task_dir / "task.json").read_text())
         assert info["counts"]["images"] == n, (task_dir, info["counts"])
 
     # runs: both stages trained the asked number of steps and saved a loadable model
-    for run in ("pretrain", "vqa"):
+    for run, n_steps in (("pretrain", 2), ("vqa", 4)):
         run_dir = out / "runs" / run
         assert (run_dir / "model.safetensors").stat().st_size > 0
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if '"loss"' in line]
-        assert max(steps) == 4
+        assert max(steps) == n_steps
         assert np.isfinite([json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text()
                             .splitlines() if '"loss"' in line]).all()
 
@@ -106,4 +107,9 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
     assert all(p["answer"] in answers for p in preds)
     summary = (out / "summary.md").read_text()
     assert f"| overall | {split['overall']:.2f} |" in summary
+    # the model beside what a blind model scores, and a verdict on whether it looks at the image
+    assert "| question-only prior |" in summary and "| images shuffled |" in summary
+    assert ("Vision helps" in summary) is split["vision"]["uses_image"]
+    pretrain = json.loads((out / "reports" / "pretrain_val" / "metrics.json").read_text())["splits"]["val"]
+    assert f"alignment accuracy {pretrain['alignment_accuracy']:.2f}" in summary
     _png_size(out / "explain.png")
