@@ -38,6 +38,11 @@ PROBE_TIMEOUT_S = 4.0  # per step of check_ray_address (TCP connect, then the gR
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 _H2_SETTINGS = 4
 
+_AUTH_HINT = (
+    "If the cluster uses token authentication, this process needs RAY_AUTH_MODE=token and the "
+    "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+)
+
 _reaper: Reaper | None = None  # the watchdog of the embedded instance this process started
 
 
@@ -104,12 +109,6 @@ def disconnect_ray() -> None:
 def _can_reap() -> bool:
     """The watchdog reads /proc: Linux only."""
     return os.path.isdir("/proc/self")
-
-
-_AUTH_HINT = (
-    "If the cluster uses token authentication, this process needs RAY_AUTH_MODE=token and the "
-    "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
-)
 
 
 def ray_address_endpoint(address: str) -> tuple[str, int] | None:
