@@ -134,12 +134,7 @@ def mixed_images(n: int) -> list[Image.Image]:
 def padded_detect(det: Detector, images: list[Image.Image]) -> list:
     """The old rule: one forward pass over images of any sizes, zero-padded bottom/right to the largest."""
     with torch.inference_mode():
-        batch = det.preprocess(images)
-        with det.autocast_context():
-            feats = det.backbone_features(batch)
-            props = det.proposals(feats, batch)
-            head = det.box_head(feats, props)
-        return det.select(props, head, batch)
+        return det.run_pass(det.preprocess(images))
 
 
 def bench_batching(base: Detector, images: list[Image.Image], batch_size: int, repeats: int) -> list[str]:
@@ -299,11 +294,7 @@ def main() -> None:
             "|---|---|---|---|---|---|",
             *bench_batching(base, images, args.batch_size, args.repeats),
         ]
-        report = "\n".join(lines) + "\n"
-        print(report)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(report)
+        emit(lines, args.out)
         return
 
     if not args.skip_pipeline:
@@ -364,10 +355,15 @@ def main() -> None:
         "Matmul peak used for the fractions (best of the start and just before each run): "
         + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
     ]
+    emit(lines, args.out)
+
+
+def emit(lines: list[str], out: str) -> None:
+    """Print the markdown report, and write it to `out` when given."""
     report = "\n".join(lines) + "\n"
     print(report)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(report)
 
 

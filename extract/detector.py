@@ -321,6 +321,14 @@ class Detector:
             start += n
         return results
 
+    def run_pass(self, batch: ImageBatch) -> list[Detections]:
+        """One forward pass over a preprocessed batch: backbone, RPN, box head, then selection per image."""
+        with self.autocast_context():
+            features = self.backbone_features(batch)
+            proposals = self.proposals(features, batch)
+            head = self.box_head(features, proposals)
+        return self.select(proposals, head, batch)
+
     # ------------------------------------------------------------------ public API
 
     @torch.inference_mode()
@@ -338,11 +346,7 @@ class Detector:
         results: list[Detections | None] = [None] * len(images)
         for group in self.forward_groups(images):
             batch = self.preprocess([images[i] for i in group], slots=self.config.batch_size)
-            with self.autocast_context():
-                features = self.backbone_features(batch)
-                proposals = self.proposals(features, batch)
-                head = self.box_head(features, proposals)
-            for i, det in zip(group, self.select(proposals, head, batch), strict=True):
+            for i, det in zip(group, self.run_pass(batch), strict=True):
                 results[i] = det
         return results  # type: ignore[return-value]  # every index belongs to one group
 

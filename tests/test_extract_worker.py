@@ -61,6 +61,14 @@ def _png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def _png_folder(root: Path, widths: list[int], height: int = 9) -> Path:
+    """PNGs 0.png, 1.png, ... of the given widths in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, w in enumerate(widths):
+        (root / f"{i}.png").write_bytes(_png(w, height))
+    return root
+
+
 def test_shard_rows_follow_input_order_with_decode_and_detect_failures(tmp_path: Path) -> None:
     import webdataset as wds
 
@@ -151,10 +159,7 @@ def test_decoding_runs_ahead_in_another_thread_in_order(
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batch_size_does_not_change_what_is_written(tmp_path: Path, batch_size: int) -> None:
-    for i in range(4):
-        (tmp_path / "in").mkdir(exist_ok=True)
-        (tmp_path / "in" / f"{i}.png").write_bytes(_png(20 + i, 9))
-    (plan,) = plan_shards(list_sources(tmp_path / "in"), 4)
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", [20, 21, 22, 23])), 4)
     det = ConstantDetector()
     process_shard(plan, det, tmp_path, ShardSettings(batch_size=batch_size))
     assert det.batches == ([1, 1, 1, 1] if batch_size == 1 else [3, 1])
@@ -191,10 +196,7 @@ def test_batches_hold_one_input_size_and_samples_stay_in_input_order(
     import webdataset as wds
 
     widths = [10, 10, 12, 10, 12, 10, 14]
-    for i, w in enumerate(widths):
-        (tmp_path / "in").mkdir(exist_ok=True)
-        (tmp_path / "in" / f"{i}.png").write_bytes(_png(w, 5))
-    (plan,) = plan_shards(list_sources(tmp_path / "in"), 10)
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", widths)), 10)
     (tmp_path / "b").mkdir()
     (tmp_path / "one").mkdir()
     det = SizedDetector()
@@ -218,10 +220,7 @@ def test_a_full_disk_stops_the_shard_in_one_line_and_leaves_nothing_behind(
     from pipelines import writers
     from pipelines.writers import DiskFullError
 
-    for i in range(3):
-        (tmp_path / "in").mkdir(exist_ok=True)
-        (tmp_path / "in" / f"{i}.png").write_bytes(_png(20 + i, 9))
-    (plan,) = plan_shards(list_sources(tmp_path / "in"), 3)
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", [20, 21, 22])), 3)
     out = tmp_path / "out"
     out.mkdir()
     (out / "features-000007.tar").write_bytes(b"a finished shard of the same job")
