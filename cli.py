@@ -70,7 +70,11 @@ def extract_cmd(
     min_size: int = typer.Option(600, "--min-size", help="Short side of the detector input."),
     max_size: int = typer.Option(1000, "--max-size", help="Cap on the long side of the detector input."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage of features/cls_prob: float16 or float32."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Images per detector forward pass."),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Images of one input size per detector forward pass. Default: 1 on CPUs, 4 on GPUs.",
+    ),
     workers: int | None = typer.Option(
         None, "--workers", help="Detector actors. Default: one per GPU, or one CPU worker using every core."
     ),
@@ -103,7 +107,8 @@ def extract_cmd(
 
     Resumable: rerun the same command after a crash and only unfinished shards are redone.
     Exit status: 0 all images ok; 3 finished but some images failed (reasons in the parquet index and
-    `vilbert-data inspect`); 1 the job could not finish; 2 bad arguments or input.
+    `vilbert-data inspect`); 1 the job could not finish (also: another job holds OUT, disk full);
+    2 bad arguments, input, --out, --ray-address or device (checked before Ray starts).
 
     Example: vilbert-data extract --images photos/ --out feats/ --weights bua-caffe-frcn-r101-k10-100.pth
 

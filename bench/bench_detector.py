@@ -1,10 +1,16 @@
-"""Detector benchmark: images/s, time split, fraction of matmul peak, and the selection step batched vs loop.
+"""Detector benchmark: images/s, time split, fraction of matmul peak, the selection step batched vs loop,
+and (--batching) what the batching rule costs.
 
 Full-size ResNet-101 C4 at 600/1000 with 300 proposals (the original test settings), random weights
 (speed does not depend on the values). Run from the repository root:
 
     .venv/bin/python bench/bench_detector.py --device cpu --images 2 --repeats 1
     .venv/bin/python bench/bench_detector.py --device cuda --images 64 --batch-size 16 --repeats 3
+    .venv/bin/python bench/bench_detector.py --batching --device cuda --images 64 --batch-size 4 --dtypes bf16
+
+--batching compares, on COCO-like photos of mixed sizes, one image per forward pass, the rule `detect`
+follows (passes of one input size, always `--batch-size` slots) and the old padded mixed batches, and
+checks how far an image's features move when it shares a pass.
 
 Prints a markdown report (and writes it with --out). CPU numbers depend on the number of free cores.
 """
@@ -116,6 +122,69 @@ def run_pipeline(det: Detector, images: list[Image.Image], batch_size: int, repe
     }
 
 
+# COCO-like original sizes (w, h): 640x480 and 500x375 share the 800x600 input, 480x640 and 640x427 do not.
+MIXED_SIZES = ((640, 480), (480, 640), (640, 427), (500, 375))
+
+
+def mixed_images(n: int) -> list[Image.Image]:
+    """n photographs resized to a cycle of COCO-like sizes (the mix the batching rule must handle)."""
+    return [img.resize(MIXED_SIZES[i % len(MIXED_SIZES)]) for i, img in enumerate(test_images(n))]
+
+
+def padded_detect(det: Detector, images: list[Image.Image]) -> list:
+    """The old rule: one forward pass over images of any sizes, zero-padded bottom/right to the largest."""
+    with torch.inference_mode():
+        return det.run_pass(det.preprocess(images))
+
+
+def bench_batching(base: Detector, images: list[Image.Image], batch_size: int, repeats: int) -> list[str]:
+    """Markdown rows: images/s, passes, empty slots and feature drift of the three batching rules."""
+    one = Detector(base.model, replace(base.config, batch_size=1), base.device)
+    rule = Detector(base.model, replace(base.config, batch_size=batch_size), base.device)
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    groups = rule.forward_groups(images)
+    modes = {
+        "one image per pass": (lambda: one.detect(images), len(images), 0),
+        f"same input size, {batch_size} slots (the rule)": (
+            lambda: rule.detect(images),
+            len(groups),
+            len(groups) * batch_size - len(images),
+        ),
+        f"padded mixed batches of {batch_size} (before)": (
+            lambda: [d for c in chunks for d in padded_detect(one, c)],
+            len(chunks),
+            0,
+        ),
+    }
+    # warm-up: oneDNN / cuDNN choose their kernels per input shape
+    firsts = [images[i] for i in sorted({base.input_size(im): i for i, im in enumerate(images)}.values())]
+    one.detect(firsts)
+    rule.detect(firsts)
+    rows, base_rate = [], None
+    for name, (run, passes, empty) in modes.items():
+        times = []
+        for _ in range(repeats):
+            sync(base.device)
+            t = time.perf_counter()
+            outs = run()
+            sync(base.device)
+            times.append(time.perf_counter() - t)
+        seconds = min(times)
+        # features of the first images alone under the same rule, against the same images in the run
+        alone = [(rule.detect([im])[0] if "rule" in name else one.detect([im])[0]) for im in images[:2]]
+        drift = max(
+            float(np.abs(a.features - o.features).max())
+            if a.features.shape == o.features.shape
+            else float("inf")
+            for a, o in zip(alone, outs[:2], strict=True)
+        )
+        rate = len(images) / seconds
+        base_rate = base_rate or rate
+        rows.append(f"| {name} | {passes} | {empty} | {rate:.3f} | {rate / base_rate:.2f} | {drift:.2e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def selection_case(n: int, temperature: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random +1-style proposals on a 1000 x 600 input and softmax scores of a given peakiness."""
     g = torch.Generator().manual_seed(seed)
@@ -168,6 +237,11 @@ def main() -> None:
     )
     ap.add_argument("--selection-repeats", type=int, default=20)
     ap.add_argument("--skip-pipeline", action="store_true", help="only the matmul and selection measurements")
+    ap.add_argument(
+        "--batching", action="store_true", help="only the cost of the batching rule (mixed-size photos)"
+    )
+    ap.add_argument("--min-size", type=int, default=600)
+    ap.add_argument("--max-size", type=int, default=1000)
     ap.add_argument("--out", default="", help="also write the report to this file")
     args = ap.parse_args()
 
@@ -193,6 +267,35 @@ def main() -> None:
         "",
         f"Measured matmul throughput ({n}^3): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
     ]
+
+    if args.batching:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = Detector.from_checkpoint(
+                None,
+                device=device,
+                config=DetectorConfig(
+                    depth=args.depth,
+                    post_nms_topk=args.post_nms_topk,
+                    min_size=args.min_size,
+                    max_size=args.max_size,
+                    autocast=None if args.dtypes.split(",")[0] == "fp32" else args.dtypes.split(",")[0],
+                ),
+            )
+        images = mixed_images(args.images)
+        sizes = sorted({base.input_size(im) for im in images})
+        lines += [
+            "",
+            f"Batching rule: R-{args.depth} C4, {args.min_size}/{args.max_size}, {args.post_nms_topk} proposals, "
+            f"{args.dtypes.split(',')[0]}, {args.images} COCO-like photos in {len(sizes)} input sizes {sizes}, "
+            f"fastest of {args.repeats}",
+            "",
+            "| rule | forward passes | empty slots | images/s | vs one per pass | max feature change in a batch |",
+            "|---|---|---|---|---|---|",
+            *bench_batching(base, images, args.batch_size, args.repeats),
+        ]
+        emit(lines, args.out)
+        return
 
     if not args.skip_pipeline:
         images = test_images(args.images)
@@ -252,10 +355,15 @@ def main() -> None:
         "Matmul peak used for the fractions (best of the start and just before each run): "
         + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
     ]
+    emit(lines, args.out)
+
+
+def emit(lines: list[str], out: str) -> None:
+    """Print the markdown report, and write it to `out` when given."""
     report = "\n".join(lines) + "\n"
     print(report)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(report)
 
 

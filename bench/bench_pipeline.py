@@ -130,7 +130,9 @@ def bench_detector(paths: list[Path], config: dict, batch_size: int) -> dict:
     from extract import Detector, DetectorConfig, load_image
 
     torch.set_num_threads(os.cpu_count() or 1)
-    det = Detector.from_checkpoint(None, device="cpu", feature_layer="res4", config=DetectorConfig(**config))
+    det = Detector.from_checkpoint(
+        None, device="cpu", feature_layer="res4", config=DetectorConfig(**config, batch_size=batch_size)
+    )
     images = [load_image(p) for p in paths]
     det.detect(images[:batch_size])
     t, cpu = time.perf_counter(), time.process_time()

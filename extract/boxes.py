@@ -98,3 +98,19 @@ def plus1_to_continuous(boxes: torch.Tensor, dtype: torch.dtype | None = None) -
 def nms_plus1(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """NMS with the +1 IoU of Caffe's nms; returns kept indices sorted by decreasing score."""
     return nms(plus1_to_continuous(boxes), scores, iou_threshold)
+
+
+def output_boxes(boxes: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
+    """+1-style boxes (N, 4) in input pixels -> the reported boxes in original pixels, each of positive size.
+
+    As in the original extractor a box is reported as boxes / scale. A side under one input pixel
+    (x2 - x1 < 1: only where the input is a strip one or two pixels wide, whose proposals escape the
+    RPN's minimum size) would then have no extent, so it reports the span of the input pixels it
+    covers instead, x2 = (x2 + 1) / scale, capped at the image side.
+    """
+    out = boxes / scale
+    for lo, hi, limit in ((0, 2, width), (1, 3, height)):
+        thin = (boxes[:, hi] - boxes[:, lo]) < 1.0
+        span = ((boxes[:, hi] + 1.0) / scale).clamp(max=float(limit))
+        out[:, hi] = torch.where(thin, span, out[:, hi])
+    return out

@@ -32,6 +32,9 @@ class DetectorConfig:
     max_boxes: int = 36
     feature_layer: str = "res4"  # "res4" (1024-d RoI-pooled res4) or "res5" (2048-d, the original)
     autocast: str | None = None  # None (fp32), "bf16" (CPU or CUDA) or "fp16" (CUDA only)
+    # Images per forward pass. Every pass has exactly this many slots (unused ones are zero images)
+    # and holds images of one input size only, so an image's outputs never depend on its batch-mates.
+    batch_size: int = 1
     pixel_mean: tuple[float, float, float] = field(default=PIXEL_MEAN_BGR)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class DetectorConfig:
             )
         if self.post_nms_topk < 1 or self.pre_nms_topk < 1:
             raise ValueError("pre_nms_topk and post_nms_topk must be positive")
+        if self.batch_size < 1:
+            raise ValueError(f"DetectorConfig.batch_size must be >= 1, got {self.batch_size!r}")
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
 
     @property

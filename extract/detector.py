@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_pool
 
-from .boxes import box_sizes, clip_boxes, decode_boxes, grid_anchors, nms_plus1
+from .boxes import box_sizes, clip_boxes, decode_boxes, grid_anchors, nms_plus1, output_boxes
 from .checkpoint import load_checkpoint
 from .config import DetectorConfig
 from .modeling import POOLER_RESOLUTION, BottomUpAttention, feature_size, init_random_weights
@@ -84,6 +84,17 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
     if round(scale * long) > max_size:
         scale = max_size / long
     return scale
+
+
+def _check_images(images: Sequence[Image.Image]) -> None:
+    """Raise TypeError / ValueError naming the first input that is not a non-empty PIL image."""
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise TypeError(
+                f"image {i}: expected a PIL.Image (use extract.load_image), got {type(img).__name__}"
+            )
+        if img.width < 1 or img.height < 1:
+            raise ValueError(f"image {i}: empty image of size {img.width}x{img.height}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -187,21 +198,34 @@ class Detector:
 
     # ------------------------------------------------------------------ stages (public for benchmarks)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> ImageBatch:
-        """PIL images -> BGR, minus the mean, resized (bilinear) and zero-padded into one batch."""
-        tensors, sizes, scales, originals = [], [], [], []
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """(h, w) of the network input for `image`; only images of equal input size share a forward pass."""
+        w, h = image.size
+        scale = resize_scale(h, w, self.config.min_size, self.config.max_size)
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def forward_groups(self, images: Sequence[Image.Image]) -> list[list[int]]:
+        """Indices of `images` per forward pass: one input size per pass, at most `config.batch_size`, in order."""
+        buckets: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            if not isinstance(img, Image.Image):
-                raise TypeError(
-                    f"image {i}: expected a PIL.Image (use extract.load_image), got {type(img).__name__}"
-                )
+            buckets.setdefault(self.input_size(img), []).append(i)
+        size = self.config.batch_size
+        return [idx[k : k + size] for idx in buckets.values() for k in range(0, len(idx), size)]
+
+    def preprocess(self, images: Sequence[Image.Image], slots: int | None = None) -> ImageBatch:
+        """PIL images -> BGR, minus the mean, resized (bilinear), zero-padded into one batch of max(len, slots) rows.
+
+        `detect` passes images of one input size and `slots=config.batch_size`, so nothing is padded
+        relative to another image; mixed sizes (padded bottom/right) remain possible for benchmarks.
+        """
+        _check_images(images)
+        tensors, sizes, scales, originals = [], [], [], []
+        for img in images:
             if img.mode != "RGB":
                 img = img.convert("RGB")
             w, h = img.size
-            if w < 1 or h < 1:
-                raise ValueError(f"image {i}: empty image of size {w}x{h}")
             scale = resize_scale(h, w, self.config.min_size, self.config.max_size)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            nh, nw = self.input_size(img)
             rgb = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).to(self.device)  # (h, w, 3)
             x = rgb.permute(2, 0, 1).flip(0).float() - self._pixel_mean  # (3, h, w) BGR
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
@@ -211,7 +235,8 @@ class Detector:
             originals.append((h, w))
         hmax = max(MIN_INPUT_SIDE, max(s[0] for s in sizes))
         wmax = max(MIN_INPUT_SIDE, max(s[1] for s in sizes))
-        batch = torch.zeros((len(tensors), 3, hmax, wmax), dtype=torch.float32, device=self.device)
+        rows = max(len(tensors), slots or 0)
+        batch = torch.zeros((rows, 3, hmax, wmax), dtype=torch.float32, device=self.device)
         for i, x in enumerate(tensors):
             batch[i, :, : x.shape[1], : x.shape[2]] = x
         return ImageBatch(batch, sizes, scales, originals)
@@ -252,19 +277,19 @@ class Detector:
 
     def box_head(self, features: torch.Tensor, boxes: list[torch.Tensor]) -> HeadOutput:
         """RoIPool 14x14 on res4, res5, class and attribute heads for boxes (input pixels) of each image."""
-        rois = torch.cat(
-            [
-                torch.cat([torch.full_like(b[:, :1], i, dtype=torch.float32), b.float()], dim=1)
-                for i, b in enumerate(boxes)
-            ],
-            dim=0,
-        )  # (R, 5) float32: batch index, x1, y1, x2, y2
+        # Each chunk holds RoIs of one image only, so the res5 batch an image's RoIs run in does not
+        # depend on the other images of the pass.
+        chunks = [
+            torch.cat([torch.full_like(part[:, :1], i, dtype=torch.float32), part.float()], dim=1)
+            for i, b in enumerate(boxes)
+            for part in b.split(HEAD_CHUNK)
+        ]  # (r, 5) float32 each: batch index, x1, y1, x2, y2
         # float32 pooling: the CPU kernel has no bf16 version, and box coordinates must not be rounded.
         # Cast once here, not per chunk (under autocast each cast copies the whole res4 map).
         features = features.float()
         parts: list[tuple[torch.Tensor, ...]] = []
         predictor = self.model.roi_heads.box_predictor
-        for chunk in rois.split(HEAD_CHUNK):
+        for chunk in chunks:
             pooled = roi_pool(features, chunk, (POOLER_RESOLUTION, POOLER_RESOLUTION), 1 / 16)
             res5 = self.model.roi_heads.res5(pooled.contiguous(memory_format=torch.channels_last))
             res5 = res5.mean(dim=(2, 3))  # (r, 2048)
@@ -290,26 +315,40 @@ class Detector:
             keep, _ = select_regions(
                 boxes, cls_prob, cfg.nms_thresh, cfg.conf_thresh, cfg.min_boxes, cfg.max_boxes
             )
-            results.append(self._package(boxes[keep], head, keep + start, batch.original_sizes[i]))
+            size = batch.original_sizes[i]
+            kept = output_boxes(props[keep], batch.scales[i], *size)
+            results.append(self._package(kept, head, keep + start, size))
             start += n
         return results
 
-    # ------------------------------------------------------------------ public API
-
-    @torch.inference_mode()
-    def detect(self, images: Sequence[Image.Image] | Image.Image) -> list[Detections]:
-        """Detect regions in several images with one forward pass; one Detections per image."""
-        if isinstance(images, Image.Image):
-            images = [images]
-        images = list(images)
-        if not images:
-            return []
-        batch = self.preprocess(images)
+    def run_pass(self, batch: ImageBatch) -> list[Detections]:
+        """One forward pass over a preprocessed batch: backbone, RPN, box head, then selection per image."""
         with self.autocast_context():
             features = self.backbone_features(batch)
             proposals = self.proposals(features, batch)
             head = self.box_head(features, proposals)
         return self.select(proposals, head, batch)
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[Image.Image] | Image.Image) -> list[Detections]:
+        """Detect regions in several images; one Detections per image, independent of the other images.
+
+        Images are grouped by input size (`forward_groups`) and each group runs as one forward pass of
+        exactly `config.batch_size` slots, so on a given device an image gives the same bytes alone or
+        in any batch.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        _check_images(images)
+        results: list[Detections | None] = [None] * len(images)
+        for group in self.forward_groups(images):
+            batch = self.preprocess([images[i] for i in group], slots=self.config.batch_size)
+            for i, det in zip(group, self.run_pass(batch), strict=True):
+                results[i] = det
+        return results  # type: ignore[return-value]  # every index belongs to one group
 
     @torch.inference_mode()
     def features_for_boxes(

@@ -1,9 +1,11 @@
 """Run shards on Ray: long-lived detector actors, one shard per task, dead actors replaced.
 
 - No address and no RAY_ADDRESS: an embedded local Ray instance sized to the machine (all CPUs,
-  the GPUs Ray detects, a small object store: shards go straight to disk, not through Ray).
-- `--ray-address` / RAY_ADDRESS: join that cluster. The output folder must then be visible to every
-  node (a shared filesystem), because workers write their shards themselves.
+  the GPUs Ray detects, a small object store: shards go straight to disk, not through Ray), watched
+  by `pipelines.ray_reaper` so that a killed driver leaves no Ray process behind.
+- `--ray-address` / RAY_ADDRESS: join that cluster, after `check_ray_address` has seen it answer
+  (Ray itself would retry an unreachable address for minutes). The output folder must then be
+  visible to every node (a shared filesystem), because workers write their shards themselves.
 - GPUs asked for but absent fail fast with a message instead of a stage that waits forever.
 - Each actor loads the detector once; the driver hands out shards one at a time. When an actor dies
   (killed, out of memory, segfault) its shard is given to a fresh actor and redone from scratch;
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +27,31 @@ from typing import Any
 import ray
 
 from pipelines.planner import ShardPlan
+from pipelines.ray_reaper import Reaper, children, start_reaper
 from pipelines.worker import ShardSettings, process_shard
+from pipelines.writers import DiskFullError
 
 EMBEDDED_OBJECT_STORE_BYTES = 512 * 1024**2
+PROBE_TIMEOUT_S = 4.0  # per step of check_ray_address (TCP connect, then the gRPC greeting)
+# The client preface of HTTP/2 and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client
+# server) answers with a SETTINGS frame of its own; anything else is not a Ray port.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+
+_AUTH_HINT = (
+    "If the cluster uses token authentication, this process needs RAY_AUTH_MODE=token and the "
+    "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+)
+
+_reaper: Reaper | None = None  # the watchdog of the embedded instance this process started
 
 
 class ExtractJobError(RuntimeError):
     """The job cannot finish (no GPUs, detector does not load, a shard keeps failing)."""
+
+
+class RayAddressError(ValueError):
+    """`--ray-address` is malformed or nothing Ray-like answers there."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +68,11 @@ class WorkerPlan:
 def connect_ray(address: str | None = None) -> bool:
     """Join `address` / RAY_ADDRESS, or start an embedded local instance.
 
-    Returns True when this call connected, so the caller shuts down (stops the embedded instance, or
-    just disconnects from a joined cluster). A Ray already initialised in this process (a test
-    fixture, a notebook) is reused as it is and False returned.
+    Returns True when this call connected, so the caller calls `disconnect_ray` (stops the embedded
+    instance, or just disconnects from a joined cluster). A Ray already initialised in this process
+    (a test fixture, a notebook) is reused as it is and False returned.
     """
+    global _reaper
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -59,17 +81,91 @@ def connect_ray(address: str | None = None) -> bool:
         try:
             ray.init(address=address, **quiet)
         except Exception as err:
-            raise ExtractJobError(f"cannot join the Ray cluster at {address!r}: {err}") from err
+            raise ExtractJobError(f"cannot join the Ray cluster at {address!r}: {err}. {_AUTH_HINT}") from err
         return True
     # A laptop run needs no set-up: Ray 2.60's default token auth would demand a token file.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    before = children(os.getpid()) if _can_reap() else set()
     ray.init(
         address="local",
         num_cpus=os.cpu_count() or 1,
         object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
         **quiet,
     )
+    if _can_reap():  # every process ray.init started is a child of this one
+        _reaper = start_reaper(children(os.getpid()) - before)
     return True
+
+
+def disconnect_ray() -> None:
+    """Shut down what `connect_ray` started (and dismiss its watchdog), or leave a joined cluster."""
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.stop()
+        _reaper = None
+
+
+def _can_reap() -> bool:
+    """The watchdog reads /proc: Linux only."""
+    return os.path.isdir("/proc/self")
+
+
+def ray_address_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that `address` names; None for 'local'; RayAddressError when it is malformed.
+
+    'auto' is resolved as Ray resolves it (the cluster this machine last started with `ray start`).
+    """
+    text = address.strip()
+    if text == "local":
+        return None
+    if text == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            text = canonicalize_bootstrap_address("auto") or ""
+        except ConnectionError as err:
+            raise RayAddressError(
+                "--ray-address auto: no running Ray cluster was found on this machine; start one with "
+                "`ray start --head`, give its address, or omit --ray-address for an embedded Ray"
+            ) from err
+    text = text.removeprefix("ray://")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayAddressError(
+            f"--ray-address {address!r}: expected HOST:PORT of the head node (e.g. 10.0.0.5:6379), "
+            "ray://HOST:10001 or auto"
+        )
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within about 2 x `timeout` s, naming the address, when no Ray head answers at `address`."""
+    endpoint = ray_address_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    advice = (
+        "check the address (`ray status` on the head node prints it; the default port is 6379, and "
+        "10001 for ray://), that the head node runs (`ray start --head`) and that the port is open "
+        "from here; or omit --ray-address for an embedded local Ray"
+    )
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS port does not answer a plain HTTP/2 greeting
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            reply = sock.recv(9)
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise RayAddressError(
+            f"--ray-address {address!r}: cannot reach {host}:{port} ({reason}); {advice}"
+        ) from err
+    if len(reply) < 4 or reply[3] != _H2_SETTINGS:
+        raise RayAddressError(
+            f"--ray-address {address!r}: {host}:{port} answers, but not as a Ray head node (no gRPC); {advice}"
+        )
 
 
 def plan_workers(
@@ -78,20 +174,16 @@ def plan_workers(
     """Decide actor count and reservations from the cluster's resources; fail fast on missing GPUs."""
     total_gpus = float(resources.get("GPU", 0.0))
     total_cpus = float(resources.get("CPU", 1.0))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ExtractJobError(f"--device must be auto, cpu or cuda, got {device!r}")
+    try:
+        check_worker_request(workers, gpus_per_worker, device)
+    except ValueError as err:
+        raise ExtractJobError(str(err)) from err
     if device == "cpu":
-        if gpus_per_worker:
-            raise ExtractJobError("--device cpu contradicts --gpus-per-worker > 0")
         gpus = 0.0
     elif gpus_per_worker is None:
         gpus = 1.0 if (device == "cuda" or total_gpus > 0) else 0.0
     else:
         gpus = float(gpus_per_worker)
-    if device == "cuda" and gpus == 0:
-        raise ExtractJobError("--device cuda needs --gpus-per-worker > 0 (Ray hands GPUs to actors)")
-    if gpus < 0 or (workers is not None and workers < 1):
-        raise ExtractJobError(f"--workers must be >= 1 and --gpus-per-worker >= 0, got {workers}, {gpus}")
     if gpus > 0:
         if total_gpus < gpus:
             raise ExtractJobError(
@@ -109,6 +201,20 @@ def plan_workers(
     share = total_cpus / n
     cpus = math.floor(share) if share >= 1 else share
     return WorkerPlan(n, 0.0, cpus, max(1, math.floor(share)), "cpu")
+
+
+def check_worker_request(workers: int | None, gpus_per_worker: float | None, device: str) -> None:
+    """Raise ValueError naming the option when --device, --workers, --gpus-per-worker contradict."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
+    if device == "cpu" and gpus_per_worker:
+        raise ValueError("--device cpu contradicts --gpus-per-worker > 0")
+    if device == "cuda" and gpus_per_worker == 0:
+        raise ValueError("--device cuda needs --gpus-per-worker > 0 (Ray hands GPUs to actors)")
 
 
 @ray.remote(num_cpus=0)
@@ -222,6 +328,8 @@ def run_shards(
                     idle.append(new_actor())
                     error = err
                 except ray.exceptions.RayTaskError as err:
+                    if isinstance(getattr(err, "cause", None), DiskFullError):
+                        raise err.cause from None  # every other shard would fail alike: stop now
                     idle.append(actor)
                     error = err
                 if attempts[plan.index] >= max_attempts:

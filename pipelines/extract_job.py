@@ -6,12 +6,18 @@ settings, counts and a summary. `OUT/_job.json` pins the settings and the input 
 a rerun into the same folder continues the same job, or stops with a clear message.
 
 Exit codes used by the CLI: 0 every image ok; 3 the job finished but some images failed (see the
-parquet index / `vilbert-data inspect`); 1 the job could not finish; 2 bad arguments or input source.
+parquet index / `vilbert-data inspect`); 1 the job could not finish; 2 bad arguments, input source,
+--out or --ray-address, or a device this machine lacks (all found before Ray starts).
+
+One job at a time writes into a folder: `OUT/_lock.json` (pipelines.folder_lock) is held from the
+first file written to the last.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,9 +25,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.folder_lock import FolderLock, FolderLockedError
 from pipelines.planner import SHARD_PREFIX, inputs_fingerprint, plan_shards, read_shard_stats, split_done
 from pipelines.sources import list_sources
-from pipelines.writers import DTYPES, STATS_SUFFIX, atomic_write_json, remove_stale_temps
+from pipelines.writers import (
+    DTYPES,
+    STATS_SUFFIX,
+    DiskFullError,
+    atomic_write_json,
+    disk_full_error,
+    is_disk_full,
+    remove_stale_temps,
+)
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -33,6 +48,7 @@ VERSION = 1
 FEATURE_DIMS = {"res4": 1024, "res5": 2048}
 JOB_FILE = "_job.json"
 DATASET_FILE = "dataset.json"
+GPU_BATCH_SIZE = 4  # default --batch-size on GPUs; on CPUs batching gains nothing, so 1
 
 
 @dataclass
@@ -47,7 +63,7 @@ class ExtractOptions:
     min_size: int = 600
     max_size: int = 1000
     dtype: str = "float16"  # storage dtype of features.npy and cls_prob.npy
-    batch_size: int = 4
+    batch_size: int | None = None  # images of one input size per forward pass; None: 1 on CPUs, 4 on GPUs
     workers: int | None = None  # default: one per GPU, or one CPU worker using every core
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs (and device != cpu)
     device: str = "auto"
@@ -73,10 +89,13 @@ class ExtractOptions:
             raise ValueError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
         if self.min_size < 1 or self.max_size < self.min_size:
             raise ValueError(f"need 1 <= --min-size <= --max-size, got {self.min_size}, {self.max_size}")
-        if self.batch_size < 1 or self.shard_size < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
             raise ValueError(
                 f"--batch-size and --shard-size must be >= 1, got {self.batch_size}, {self.shard_size}"
             )
+        from pipelines.distributor import check_worker_request
+
+        check_worker_request(self.workers, self.gpus_per_worker, self.device)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.autocast not in (None, "bf16", "fp16"):
@@ -143,23 +162,94 @@ def run_extract(
 
     `detector_factory` (a picklable zero-argument callable returning an object with `detect(images)`
     and `info`) replaces the default `extract.Detector` recipe built from `options`.
-    Raises ValueError / SourceError for bad arguments and `ExtractJobError` when the job cannot finish.
+    Raises ValueError / SourceError for bad arguments, inputs or machine (all checked before Ray
+    starts) and `ExtractJobError` when the job cannot finish (another job holds OUT, the disk is full, ...).
     """
-    from pipelines.distributor import ExtractJobError, connect_ray, plan_workers, run_shards
-    from pipelines.worker import DetectorSpec, ShardSettings
+    from pipelines.distributor import ExtractJobError
 
     opts = options or ExtractOptions()
     opts.validate()
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     items = list_sources(images, opts.limit)
+    check_machine(opts)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
     plans = plan_shards(items, opts.shard_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(out_dir):
+            return _run_locked(images, out_dir, items, plans, opts, detector_factory)
+    except FolderLockedError as err:
+        raise ExtractJobError(str(err)) from err
+    except (DiskFullError, OSError) as err:
+        if not isinstance(err, DiskFullError):
+            if not is_disk_full(err):
+                raise
+            err = disk_full_error(out_dir, "the job's files")
+        raise ExtractJobError(f"{err}; {_space_advice(out_dir, plans)}") from err
+
+
+def check_machine(opts: ExtractOptions) -> None:
+    """Checks of this machine and of --ray-address, before Ray starts: raise ValueError naming the option."""
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return  # a Ray this process already joined: its resources are checked once the job plans workers
+    if address:
+        from pipelines.distributor import check_ray_address
+
+        check_ray_address(address)
+        return  # the GPUs are the cluster's, not this machine's
+    if opts.device == "cuda" or (opts.gpus_per_worker or 0) > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            option = (
+                "--device cuda" if opts.device == "cuda" else f"--gpus-per-worker {opts.gpus_per_worker:g}"
+            )
+            raise ValueError(
+                f"{option}: this machine has no CUDA device that torch can use; use --device cpu (or auto), "
+                "or --ray-address to join a cluster with GPUs"
+            )
+
+
+def _space_advice(out_dir: Path, plans: list) -> str:
+    """What a rerun after a full disk needs: the space for the images left, estimated from finished shards."""
+    done = [read_shard_stats(out_dir, p) for p in split_done(out_dir, plans)[0]]
+    written = sum(s["count"] for s in done)
+    left = sum(len(p.items) for p in plans) - written
+    advice = "finished shards are kept; free some space and rerun the same command"
+    if written and left:
+        per_image = sum(s["tar_bytes"] for s in done) / written
+        advice = (
+            f"about {left * per_image / 1e6:.1f} MB more are needed for the {left} images left "
+            f"({per_image / 1e3:.0f} KB per image so far); " + advice
+        )
+    return advice
+
+
+def _run_locked(
+    images: str | Path,
+    out_dir: Path,
+    items: list,
+    plans: list,
+    opts: ExtractOptions,
+    detector_factory: Callable[[], Any] | None,
+) -> ExtractResult:
+    """The job proper, run while this process holds the output folder's lock."""
+    from pipelines.distributor import ExtractJobError, connect_ray, disconnect_ray, plan_workers, run_shards
+    from pipelines.worker import DetectorSpec, ShardSettings
+
     if opts.overwrite:
         clear_feature_set(out_dir)
-    remove_stale_temps(out_dir)
+    remove_stale_temps(out_dir)  # safe: the lock says no other job writes here
     job = _open_job(out_dir, images, items, opts, len(plans))
     done, pending = split_done(out_dir, plans)
-    settings = ShardSettings(batch_size=opts.batch_size, dtype=opts.dtype, feature_layer=opts.feature_layer)
 
     t0 = time.perf_counter()
     t_ready = t0  # when the detector actors were up: what comes after is the steady extraction rate
@@ -173,8 +263,15 @@ def run_extract(
             worker_plan = plan_workers(
                 ray.cluster_resources(), opts.workers, opts.gpus_per_worker, opts.device
             )
+            batch_size = opts.batch_size or (GPU_BATCH_SIZE if worker_plan.device == "cuda" else 1)
+            settings = ShardSettings(
+                batch_size=batch_size, dtype=opts.dtype, feature_layer=opts.feature_layer
+            )
             factory = detector_factory or DetectorSpec(
-                opts.weights, worker_plan.device, opts.feature_layer, opts.detector_config()
+                opts.weights,
+                worker_plan.device,
+                opts.feature_layer,
+                {**opts.detector_config(), "batch_size": batch_size},
             )
 
             def on_info(info: dict) -> None:
@@ -192,8 +289,8 @@ def run_extract(
                 report = run_shards(pending, out_dir, factory, settings, worker_plan, bar, on_info)
         finally:
             if connected:
-                ray.shutdown()
-        remove_stale_temps(out_dir)  # left by actors that died mid-shard; every actor is stopped now
+                disconnect_ray()
+            remove_stale_temps(out_dir)  # left by actors that died mid-shard; every actor is stopped now
     elif "detector" not in job:
         raise ExtractJobError(f"{out_dir / JOB_FILE} lacks the detector info; rerun with --overwrite")
     seconds = time.perf_counter() - t0

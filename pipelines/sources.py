@@ -13,11 +13,14 @@ its entries) through `image_id_for`, the one function that makes them (docs/cont
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+logger = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _VALID_ID = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -118,17 +121,67 @@ def _items_from_relpaths(pairs: list[tuple[str, str]]) -> list[SourceItem]:
 
 
 def _list_folder(root: Path) -> list[SourceItem]:
-    """Recursive listing of a local folder (hidden files and folders skipped)."""
+    """Recursive listing of a local folder (hidden files and folders skipped), each real folder once.
+
+    The real folders are walked first; folder symlinks are followed afterwards, unless they lead to
+    a folder already listed (a loop such as `sub/up -> ..`, or a second way into the same folder):
+    those are skipped with a warning naming them. File symlinks are inputs like files, listed under
+    their own path; a dangling or looping one becomes a failed row when it is read.
+    """
     exts = image_extensions()
-    pairs = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
-                continue
-            full = Path(dirpath) / name
-            pairs.append((full.relative_to(root).as_posix(), str(full.resolve())))
+    pairs: list[tuple[str, str]] = []
+    listed: dict[str, str] = {}  # real path of every folder walked -> the relative path it is listed under
+    links: deque[Path] = deque()  # folder symlinks met, followed once the real tree is listed
+
+    def walk(top: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(top):  # does not descend into links
+            here = Path(dirpath)
+            listed.setdefault(os.path.realpath(here), _relative(here, root))
+            kept = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                if (here / d).is_symlink():
+                    links.append(here / d)
+                else:
+                    kept.append(d)
+            dirnames[:] = kept
+            for name in filenames:
+                if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+                    continue
+                full = here / name
+                # the path as listed, not its target: a dangling link's row must name the input
+                pairs.append((_relative(full, root), os.path.abspath(full)))
+
+    walk(root)
+    while links:
+        link = links.popleft()
+        target = os.path.realpath(link)
+        if target not in listed:
+            walk(link)
+            continue
+        rel, where = _relative(link, root), listed[target] or "."
+        if os.path.commonpath([os.path.realpath(link.parent), target]) == target:  # an ancestor: a loop
+            logger.warning(
+                "warning: symlink loop: %s -> %s leads back to %s, which is listed already; not followed",
+                rel,
+                os.readlink(link),
+                where,
+            )
+        else:
+            logger.warning(
+                "warning: %s -> %s is the folder already listed as %s; its images are listed once",
+                rel,
+                os.readlink(link),
+                where,
+            )
     return _items_from_relpaths(pairs)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` as a posix string ('' for the root itself), without resolving links."""
+    rel = os.path.relpath(path, root)
+    return "" if rel == "." else Path(rel).as_posix()
 
 
 def _list_url(url: str) -> list[SourceItem]:
@@ -162,7 +215,8 @@ def _list_file(path: Path) -> list[SourceItem]:
     else:
         entries = _read_txt_list(path)
     base = path.resolve().parent
-    resolved = [(s if is_url(s) else str((base / s).resolve()), i) for s, i in entries]
+    # absolute but not resolved: a symlink entry stays the path the list names
+    resolved = [(s if is_url(s) else os.path.abspath(base / s), i) for s, i in entries]
     root = _common_root([s for s, _ in resolved])
     rels = [s[len(root) :].lstrip("/") for s, _ in resolved]
     given = [i for _, i in resolved]

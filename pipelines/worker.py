@@ -1,4 +1,4 @@
-"""Process one shard end to end: read and decode row by row, detect in batches, write the shard.
+"""Process one shard end to end: read and decode row by row, detect in same-size batches, write the shard.
 
 Decoding runs in a background thread a few images ahead of the detector, so reading and decoding
 overlap with inference. A file that cannot be read or decoded, or an image on which the detector
@@ -11,6 +11,8 @@ could not be read) and `detect_error` (the detector raised on this image alone).
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ from typing import Any
 
 from pipelines.planner import ShardPlan
 from pipelines.sources import SourceItem, is_url
-from pipelines.writers import FeatureShardWriter, encode_detections
+from pipelines.writers import FeatureShardWriter, disk_full_error, encode_detections, is_disk_full
 
 ProgressFn = Callable[[int, int], None]  # (images ok so far, images failed so far) within the shard
 
@@ -40,10 +42,11 @@ class Decoded:
 class ShardSettings:
     """What a worker needs besides the detector: batching, output dtype, feature layer name."""
 
-    batch_size: int = 4
+    batch_size: int = 1
     dtype: str = "float16"
     feature_layer: str = "res4"
     prefetch: int | None = None  # decoded images kept ahead of the detector; default 2 batches
+    bucket_window: int | None = None  # longest wait of an image for same-size batch-mates; default 4 batches
 
 
 @dataclass
@@ -75,6 +78,17 @@ def read_source(source: str) -> bytes:
     return Path(source).read_bytes()
 
 
+def _read_error_text(source: str, err: Exception) -> str:
+    """The error of an unreadable input, saying so when it is a dangling or looping symlink."""
+    text = f"{type(err).__name__}: {err}"
+    if not is_url(source) and os.path.islink(source):
+        if getattr(err, "errno", None) == errno.ELOOP:
+            return f"symlink loop: {text}"
+        if isinstance(err, FileNotFoundError):
+            return f"dangling symlink (its target {os.readlink(source)} does not exist): {text}"
+    return text
+
+
 def decode_item(item: SourceItem) -> Decoded:
     """Read and decode one input; never raises for a bad file (the failure becomes the result)."""
     from extract import ImageDecodeError, load_image
@@ -82,7 +96,7 @@ def decode_item(item: SourceItem) -> Decoded:
     try:
         data = read_source(item.source)
     except Exception as err:  # missing file, permission, network: a failed row, not a failed job
-        return Decoded(item, None, 0, "read_error", f"{type(err).__name__}: {err}")
+        return Decoded(item, None, 0, "read_error", _read_error_text(item.source, err))
     try:
         image = load_image(data)
     except ImageDecodeError as err:
@@ -145,48 +159,93 @@ def process_shard(
     settings: ShardSettings,
     on_progress: ProgressFn | None = None,
 ) -> dict:
-    """Run one shard: decode, detect in batches of `settings.batch_size`, write tar/parquet/stats."""
+    """Run one shard: decode, detect in batches of one input size, write tar/parquet/stats in input order.
+
+    Decoded images wait in buckets keyed by `detector.input_size(image)` (one bucket when the detector
+    has no such method) until a bucket holds `settings.batch_size` images, its oldest image is
+    `settings.bucket_window` inputs behind the newest, or the shard ends; so batches need no padding
+    and an image's features do not depend on the batching. Samples are written in input order.
+
+    A full disk raises `DiskFullError` (one line: folder, free space); nothing of the shard is left
+    under a final name that a rerun would take for finished.
+    """
+    try:
+        return _process_shard(plan, detector, out_dir, settings, on_progress)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(out_dir, f"shard {plan.name}") from err
+        raise
+
+
+def _process_shard(
+    plan: ShardPlan,
+    detector: Any,
+    out_dir: str | Path,
+    settings: ShardSettings,
+    on_progress: ProgressFn | None,
+) -> dict:
+    """`process_shard` without the disk-full translation."""
     t0 = time.perf_counter()
-    rows: list[dict | None] = [None] * len(plan.items)
-    position = {it.image_id: i for i, it in enumerate(plan.items)}
+    rows: list[dict] = []
     n_ok = n_failed = 0
     detect_s = 0.0
     prefetch = settings.prefetch or 2 * settings.batch_size
+    window = settings.bucket_window or 4 * settings.batch_size
+    input_size = getattr(detector, "input_size", None)
+    waiting: dict[Any, list[tuple[int, Decoded]]] = {}  # bucket key -> (position, input), oldest first
+    results: dict[int, tuple[Decoded, Any | None]] = {}  # determined but not yet written, by position
+    written = 0
 
     with FeatureShardWriter(out_dir, plan.name) as writer:
 
-        def flush(batch: list[Decoded]) -> None:
-            nonlocal n_ok, n_failed, detect_s
-            t = time.perf_counter()
-            dets = _detect_batch(detector, batch)
-            detect_s += time.perf_counter() - t
-            for d, det in zip(batch, dets, strict=True):
-                rows[position[d.item.image_id]] = _index_row(d, det)
-                if det is None:
-                    n_failed += 1
-                    continue
-                members = encode_detections(
-                    d.item.image_id, d.item.source, det, settings.feature_layer, settings.dtype
-                )
-                writer.write_sample(d.item.image_id, members)
+        def record(position: int, d: Decoded, det: Any | None) -> None:
+            nonlocal n_ok, n_failed
+            results[position] = (d, det)
+            if det is None:
+                n_failed += 1
+            else:
                 n_ok += 1
-            batch.clear()
+
+        def write_ready() -> None:
+            nonlocal written
+            while written in results:
+                d, det = results.pop(written)
+                rows.append(_index_row(d, det))
+                if det is not None:
+                    members = encode_detections(
+                        d.item.image_id, d.item.source, det, settings.feature_layer, settings.dtype
+                    )
+                    writer.write_sample(d.item.image_id, members)
+                written += 1
             if on_progress:
                 on_progress(n_ok, n_failed)
 
-        batch: list[Decoded] = []
-        for d in iter_decoded(plan.items, prefetch):
+        def run(key: Any) -> None:
+            nonlocal detect_s
+            group = waiting.pop(key)
+            t = time.perf_counter()
+            dets = _detect_batch(detector, [d for _, d in group])
+            detect_s += time.perf_counter() - t
+            for (position, d), det in zip(group, dets, strict=True):
+                record(position, d, det)
+
+        def oldest() -> Any:
+            return min(waiting, key=lambda k: waiting[k][0][0])
+
+        for position, d in enumerate(iter_decoded(plan.items, prefetch)):
             if d.image is None:
-                rows[position[d.item.image_id]] = _index_row(d)
-                n_failed += 1
-                if on_progress:
-                    on_progress(n_ok, n_failed)
-                continue
-            batch.append(d)
-            if len(batch) >= settings.batch_size:
-                flush(batch)
-        if batch:
-            flush(batch)
+                record(position, d, None)
+            else:
+                key = input_size(d.image) if input_size else None
+                waiting.setdefault(key, []).append((position, d))
+                if len(waiting[key]) >= settings.batch_size:
+                    run(key)
+            while waiting and position - waiting[oldest()][0][0] >= window:
+                run(oldest())
+            write_ready()
+        while waiting:
+            run(oldest())
+        write_ready()
         for row in rows:
             writer.add_row(row)
         return writer.finish(

@@ -8,9 +8,11 @@ shard with a stats file is complete (docs/contracts.md section 2). Tar members c
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import tarfile
 import uuid
 from collections import Counter
@@ -23,6 +25,7 @@ import numpy as np
 TMP_MARK = ".tmp-"
 STATS_SUFFIX = "_stats.json"  # `<shard><STATS_SUFFIX>` marks a complete shard (written last)
 DTYPES = {"float16": np.float16, "float32": np.float32}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # Column order and types of the per-shard parquet index (one row per input, ok or failed).
 INDEX_COLUMNS = (
@@ -36,6 +39,24 @@ INDEX_COLUMNS = (
     ("height", "int32"),
     ("bytes", "int64"),
 )
+
+
+class DiskFullError(RuntimeError):
+    """The output folder's filesystem is full or over quota (the message names the folder and its free space)."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for the OSErrors of a full disk or an exhausted quota."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(folder: str | Path, what: str) -> DiskFullError:
+    """A one-line DiskFullError for `folder` saying what was being written and how much space is free."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"no space left on the device of {folder} ({free}) while writing {what}")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -173,3 +173,56 @@ def test_bf16_autocast_on_cpu(detector, photos):
     np.testing.assert_allclose(out.cls_prob.sum(axis=1), 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="fp16"):
         variant(detector, autocast="fp16")
+
+
+FIELDS = ("boxes", "features", "spatial", "cls_prob", "object_ids", "object_conf", "attr_ids", "attr_conf")
+
+
+def assert_same_bytes(a: Detections, b: Detections) -> None:
+    """Every array of two Detections is bit-for-bit equal."""
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and x.tobytes() == y.tobytes(), name
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_an_image_gives_the_same_bytes_alone_and_in_any_batch(detector, photos, batch_size):
+    # 3 proposals: the res5 head is the cost, and the guarantee does not depend on how many regions
+    det = variant(detector, batch_size=batch_size, pre_nms_topk=60, post_nms_topk=3, min_boxes=2, max_boxes=3)
+    target = photos[2]  # 451 x 300
+    same_size = [p.resize(target.size) for p in photos[:2]]  # same input size: may share its pass
+    other_size = photos[0]  # 512 x 512: another input size, never in its pass
+    (alone,) = det.detect([target])
+    batches = [
+        [same_size[0], target],
+        [other_size, target, same_size[1]],
+        [same_size[1], same_size[0], target, other_size, target],
+    ]
+    for images in batches:
+        groups = det.forward_groups(images)
+        position = images.index(target)
+        (group,) = [g for g in groups if position in g]
+        assert all(det.input_size(images[i]) == det.input_size(target) for i in group)
+        if batch_size > 1:  # the target does share its pass with other images
+            assert len(group) > 1
+        out = det.detect(images)
+        for i, image in enumerate(images):
+            if image is target:
+                assert_same_bytes(out[i], alone)
+    assert sorted(i for g in det.forward_groups(batches[2]) for i in g) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("size", [(1, 5000), (5000, 1), (2, 3000)])
+def test_strips_get_boxes_of_positive_size_inside_the_image(detector, size):
+    w, h = size
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    (out,) = detector.detect([strip])
+    b = out.boxes
+    assert out.num_boxes >= 1 and (out.image_w, out.image_h) == (w, h)
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+    assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    assert (out.spatial[:, 4] > 0).all()
+    if w == 1:  # the input is one pixel wide, so every region spans the whole width
+        np.testing.assert_array_equal(b[:, [0, 2]], np.tile([0.0, 1.0], (out.num_boxes, 1)))
+    if h == 1:
+        np.testing.assert_array_equal(b[:, [1, 3]], np.tile([0.0, 1.0], (out.num_boxes, 1)))

@@ -5,8 +5,8 @@ The detector is the real `extract.Detector` with random (seeded) weights and tin
 
 from __future__ import annotations
 
+import errno
 import io
-import json
 import logging
 import os
 import signal
@@ -18,27 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from extract_fixtures import TINY, index_rows, make_good_images, tar_bytes
 
-from pipelines.distributor import ExtractJobError, plan_workers
+from pipelines.distributor import ExtractJobError, check_ray_address, plan_workers
 from pipelines.extract_job import ExtractOptions, run_extract
 from pipelines.worker import DetectorSpec
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
-
-TINY = dict(depth=50, min_size=64, max_size=96, max_proposals=5, min_boxes=2, max_boxes=4, batch_size=2)
-MEMBERS = {
-    "boxes.npy",
-    "features.npy",
-    "spatial.npy",
-    "cls_prob.npy",
-    "objects.npy",
-    "attributes.npy",
-    "json",
-}
 
 
 @pytest.fixture(scope="module")
@@ -57,135 +45,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
-    return buf.getvalue()
-
-
-def _noise(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def make_good_images(root: Path, n: int, offset: int = 0) -> list[Path]:
-    """`n` small RGB JPEGs with distinct content."""
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = root / f"img{i + offset:03d}.jpg"
-        p.write_bytes(_jpeg(_noise(48 + 4 * (i % 3), 36, seed=i + offset)))
-        paths.append(p)
-    return paths
-
-
-def make_odd_images(root: Path) -> dict[str, tuple[int, int]]:
-    """Every kind of image the job must handle; returns {image id: (width, height) after EXIF}."""
-    root.mkdir(parents=True, exist_ok=True)
-    base = _noise(40, 30, seed=7)
-    base.convert("L").save(root / "gray.png")
-    base.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
-    rgba = base.convert("RGBA")
-    rgba.putalpha(128)
-    rgba.save(root / "rgba.png")
-    (root / "cmyk.jpg").write_bytes(_jpeg(base.convert("CMYK")))
-    Image.fromarray(np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50).save(root / "sixteen.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display: stored 40x30 -> shown 30x40
-    (root / "exif.jpg").write_bytes(_jpeg(base, exif=exif.tobytes()))
-    Image.new("RGB", (1, 1), "red").save(root / "tiny.png")
-    Image.new("RGB", (1, 5000), "blue").save(root / "strip.png")
-    frames = [_noise(40, 30, seed=s) for s in (1, 2)]
-    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    return {
-        "gray": (40, 30), "palette": (40, 30), "rgba": (40, 30), "cmyk": (40, 30), "sixteen": (40, 30),
-        "exif": (30, 40), "tiny": (1, 1), "strip": (1, 5000), "anim": (40, 30),
-    }  # fmt: skip
-
-
-def make_bad_files(root: Path) -> dict[str, str]:
-    """Files that must become failed rows; returns {image id: expected reason}."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "text.png").write_text("this is not an image\n")
-    full = _jpeg(_noise(64, 64, seed=3))
-    (root / "trunc.jpg").write_bytes(full[: len(full) // 2])
-    Image.new("1", (10_000, 10_000)).save(root / "bomb.png")  # 100 MP > Pillow's 89.5 MP guard
-    return {"empty": "empty", "text": "not_an_image", "trunc": "truncated", "bomb": "too_large"}
-
-
-def _index(out: Path) -> list[dict]:
-    rows = []
-    for p in sorted(out.glob("features-*.parquet")):
-        rows += pq.read_table(p).to_pylist()
-    return rows
-
-
-def _tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("features-*.tar"))}
-
-
 def _opts(**kw) -> ExtractOptions:
     return ExtractOptions(**{**TINY, "progress": False, **kw})
-
-
-def test_cli_extract_handles_every_image_kind_and_records_failures(ray_cluster, tmp_path: Path) -> None:
-    import webdataset as wds
-    from typer.testing import CliRunner
-
-    from cli import app
-
-    sizes = make_odd_images(tmp_path / "in" / "odd")
-    reasons = make_bad_files(tmp_path / "in" / "bad")
-    out = tmp_path / "out"
-    args = [
-        "extract",
-        "--images",
-        str(tmp_path / "in"),
-        "--out",
-        str(out),
-        "--shard-size",
-        "5",
-        "--no-progress",
-    ]
-    for name, value in TINY.items():
-        args += ["--" + name.replace("_", "-"), str(value)]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 3, res.output  # finished, some images failed
-    assert "failed: 4" in res.output and "too_large=1" in res.output
-
-    rows = {r["image_id"]: r for r in _index(out)}
-    expected_ids = {f"odd_{k}" for k in sizes} | {f"bad_{k}" for k in reasons}
-    assert sorted(rows) == sorted(expected_ids) and len(_index(out)) == len(expected_ids)
-    for key, reason in reasons.items():
-        assert rows[f"bad_{key}"]["status"] == "failed" and rows[f"bad_{key}"]["reason"] == reason
-        assert rows[f"bad_{key}"]["error"]
-    for key, (w, h) in sizes.items():
-        row = rows[f"odd_{key}"]
-        assert row["status"] == "ok", row
-        assert (row["width"], row["height"]) == (w, h) and 1 <= row["num_boxes"] <= 4
-
-    dataset = json.loads((out / "dataset.json").read_text())
-    assert dataset["format"] == "vilbert-data/features" and dataset["feature_dim"] == 1024
-    assert dataset["counts"] == {
-        "images": 13, "ok": 9, "failed": 4,
-        "failed_by_reason": {"empty": 1, "not_an_image": 1, "too_large": 1, "truncated": 1},
-    }  # fmt: skip
-    assert dataset["detector"]["random_weights"] is True and dataset["detector"]["max_boxes"] == 4
-    assert dataset["shards"] == ["features-000000.tar", "features-000001.tar", "features-000002.tar"]
-    assert sum(dataset["summary"]["boxes_per_image"]["histogram"].values()) == 9
-
-    samples = list(wds.WebDataset([str(out / s) for s in dataset["shards"]], shardshuffle=False).decode())
-    assert sorted(s["__key__"] for s in samples) == sorted(k for k, r in rows.items() if r["status"] == "ok")
-    for s in samples:
-        k = rows[s["__key__"]]["num_boxes"]
-        assert MEMBERS <= set(s)
-        assert s["features.npy"].shape == (k, 1024) and s["features.npy"].dtype == np.float16
-        assert s["cls_prob.npy"].shape == (k, 1601) and s["cls_prob.npy"].dtype == np.float16
-        assert s["boxes.npy"].dtype == np.float32 and s["objects.npy"].shape == (k, 2)
-        np.testing.assert_allclose(s["cls_prob.npy"].astype(np.float32).sum(1), 1.0, atol=2e-2)
-        assert s["json"]["num_boxes"] == k and s["json"]["image_id"] == s["__key__"]
-        w, h = s["json"]["width"], s["json"]["height"]
-        assert (s["boxes.npy"][:, [0, 2]] <= w + 1e-3).all() and (s["boxes.npy"][:, [1, 3]] <= h + 1e-3).all()
 
 
 @pytest.fixture(scope="module")
@@ -242,18 +103,68 @@ class _Dying:
 def test_dead_actor_is_replaced_and_its_shard_redone(reference, tmp_path: Path) -> None:
     src, ref_out = reference
     opts = _opts(shard_size=2, workers=2, limit=4)  # the reference's first 2 shards
-    spec = DetectorSpec(None, "cpu", "res4", opts.detector_config())
+    spec = DetectorSpec(None, "cpu", "res4", {**opts.detector_config(), "batch_size": TINY["batch_size"]})
     result = run_extract(
         src, tmp_path / "out", opts, detector_factory=DyingDetector(spec, str(tmp_path / "died"))
     )
     assert (tmp_path / "died").exists()
     assert result.summary["actors_replaced"] == 1 and result.summary["shard_retries"] == 1
-    assert sorted(r["image_id"] for r in _index(tmp_path / "out")) == [f"img{i:03d}" for i in range(4)]
+    assert sorted(r["image_id"] for r in index_rows(tmp_path / "out")) == [f"img{i:03d}" for i in range(4)]
     expected = {
-        k: v for k, v in _tar_bytes(ref_out).items() if k in ("features-000000.tar", "features-000001.tar")
+        k: v for k, v in tar_bytes(ref_out).items() if k in ("features-000000.tar", "features-000001.tar")
     }
-    assert _tar_bytes(tmp_path / "out") == expected
+    assert tar_bytes(tmp_path / "out") == expected
     assert not list((tmp_path / "out").glob(".*"))  # the dead actor's temporary tar was cleaned up
+
+
+@dataclass
+class DiskFullAfterFirstShard:
+    """Factory: a real detector in an actor whose disk is full for every shard but the first (if `full`)."""
+
+    spec: DetectorSpec
+    full: bool = True
+
+    def __call__(self):
+        import torch
+
+        from pipelines import writers
+
+        torch.set_num_threads(1)  # as in the reference's 2 workers on 2 CPUs: CPU bytes depend on it
+        if not self.full:
+            return self.spec()
+
+        real = writers.FeatureShardWriter.write_sample
+
+        def fills_up(writer, key, members):
+            if writer.name != "features-000000":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(writer, key, members)
+
+        writers.FeatureShardWriter.write_sample = fills_up  # in the actor's process only
+        return self.spec()
+
+
+def test_a_full_disk_stops_the_job_in_one_line_and_a_rerun_completes(reference, tmp_path: Path) -> None:
+    src, ref_out = reference
+    out = tmp_path / "out"
+    opts = _opts(shard_size=2, workers=1)
+    spec = DetectorSpec(None, "cpu", "res4", {**opts.detector_config(), "batch_size": TINY["batch_size"]})
+    with pytest.raises(ExtractJobError) as err:
+        run_extract(src, out, opts, detector_factory=DiskFullAfterFirstShard(spec))
+    message = str(err.value)
+    assert message.startswith(f"no space left on the device of {out.resolve()} (") and "\n" not in message
+    assert "while writing shard features-000001" in message and "for the 6 images left" in message
+    assert "finished shards are kept; free some space and rerun the same command" in message
+    assert sorted(p.name for p in out.glob("*_stats.json")) == ["features-000000_stats.json"]
+    assert not list(out.glob(".*")) and not (out / "_lock.json").exists()
+
+    result = run_extract(src, out, opts, detector_factory=DiskFullAfterFirstShard(spec, full=False))
+    assert result.exit_code == 0 and result.summary["shards_resumed"] == 1
+    assert tar_bytes(out) == tar_bytes(ref_out)
+
+
+def test_the_address_probe_accepts_a_real_ray_head(ray_cluster) -> None:
+    check_ray_address(ray_cluster)  # the GCS answers the gRPC greeting, so a real cluster passes
 
 
 _KILL_SCRIPT = """
@@ -288,9 +199,9 @@ def test_sigkill_mid_run_then_rerun_keeps_every_input_exactly_once(
     assert result.summary["shards_resumed"] >= len(finished)
     for name, mtime in finished.items():  # finished shards were kept, not redone
         assert (out / name).stat().st_mtime_ns == mtime
-    ids = [r["image_id"] for r in _index(out)]
+    ids = [r["image_id"] for r in index_rows(out)]
     assert sorted(ids) == [f"img{i:03d}" for i in range(8)] and len(ids) == len(set(ids))
-    assert _tar_bytes(out) == _tar_bytes(ref_out)
+    assert tar_bytes(out) == tar_bytes(ref_out)
     assert not list(out.glob(".*tmp*"))
 
     # a different setting into the same folder is refused; --overwrite starts again

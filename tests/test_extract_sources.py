@@ -66,6 +66,46 @@ def test_folder_listing_is_recursive_sorted_and_skips_non_images(tmp_path: Path)
     assert [it.image_id for it in list_sources(tmp_path, limit=2)] == ["a_q", "a_y_x"]
 
 
+def test_file_symlinks_are_inputs_under_their_own_path_even_when_broken(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    _touch(root, "real.png")
+    (root / "alias.png").symlink_to("real.png")
+    (root / "loop_a.jpg").symlink_to("loop_b.jpg")  # a loop between two files
+    (root / "loop_b.jpg").symlink_to("loop_a.jpg")
+    (root / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    items = list_sources(root)  # listing a loop must not raise
+    assert [(it.image_id, it.source) for it in items] == [
+        (name, str(root / f"{name}{ext}"))  # the input path, never the link's target
+        for name, ext in [
+            ("alias", ".png"),
+            ("dangling", ".jpg"),
+            ("loop_a", ".jpg"),
+            ("loop_b", ".jpg"),
+            ("real", ".png"),
+        ]
+    ]
+
+
+@pytest.mark.timeout(60)  # following the links blindly never ends: the loop multiplies every path
+def test_folder_symlinks_list_each_real_folder_once_and_name_the_loop(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "in"
+    _touch(root, "a.png")
+    _touch(root, "sub/b.png")
+    _touch(tmp_path, "elsewhere/c.png")
+    (root / "sub" / "up").symlink_to("..")  # a loop: sub/up/sub/up/... for ever
+    (root / "again").symlink_to("sub")  # a second way into a listed folder
+    (root / "ext").symlink_to(tmp_path / "elsewhere")  # a folder outside: followed
+    (root / "ext2").symlink_to(tmp_path / "elsewhere")  # the same outside folder again
+    with caplog.at_level("WARNING", logger="pipelines.sources"):
+        items = list_sources(root)
+    assert [it.relpath for it in items] == ["a.png", "ext/c.png", "sub/b.png"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3, warnings
+    assert any("symlink loop" in w and "sub/up -> .." in w for w in warnings)
+    assert any("again -> sub" in w and "listed as sub" in w for w in warnings)
+    assert any("ext2 -> " in w and "listed as ext" in w for w in warnings)
+
+
 def test_fsspec_urls_file_and_memory(tmp_path: Path) -> None:
     import fsspec
 

@@ -61,6 +61,14 @@ def _png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def _png_folder(root: Path, widths: list[int], height: int = 9) -> Path:
+    """PNGs 0.png, 1.png, ... of the given widths in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, w in enumerate(widths):
+        (root / f"{i}.png").write_bytes(_png(w, height))
+    return root
+
+
 def test_shard_rows_follow_input_order_with_decode_and_detect_failures(tmp_path: Path) -> None:
     import webdataset as wds
 
@@ -151,12 +159,82 @@ def test_decoding_runs_ahead_in_another_thread_in_order(
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batch_size_does_not_change_what_is_written(tmp_path: Path, batch_size: int) -> None:
-    for i in range(4):
-        (tmp_path / "in").mkdir(exist_ok=True)
-        (tmp_path / "in" / f"{i}.png").write_bytes(_png(20 + i, 9))
-    (plan,) = plan_shards(list_sources(tmp_path / "in"), 4)
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", [20, 21, 22, 23])), 4)
     det = ConstantDetector()
     process_shard(plan, det, tmp_path, ShardSettings(batch_size=batch_size))
     assert det.batches == ([1, 1, 1, 1] if batch_size == 1 else [3, 1])
     rows = pq.read_table(tmp_path / "features-000000.parquet").to_pylist()
     assert [r["width"] for r in rows] == [20, 21, 22, 23]
+
+
+class SizedDetector(ConstantDetector):
+    """ConstantDetector with the detector's bucket key: images batch together only when equally sized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[list[int]] = []
+
+    def input_size(self, image):
+        return image.size[::-1]
+
+    def detect(self, images):
+        self.widths.append([im.size[0] for im in images])
+        return super().detect(images)
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        # A A B A B A C (widths 10, 10, 12, 10, 12, 10, 14), batch size 2, worked out by hand
+        (8, [[10, 10], [12, 12], [10, 10], [14]]),
+        (1, [[10, 10], [12], [10], [12], [10], [14]]),  # nobody waits more than one input
+    ],
+)
+def test_batches_hold_one_input_size_and_samples_stay_in_input_order(
+    tmp_path: Path, window: int, expected: list[list[int]]
+) -> None:
+    import webdataset as wds
+
+    widths = [10, 10, 12, 10, 12, 10, 14]
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", widths)), 10)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "one").mkdir()
+    det = SizedDetector()
+    process_shard(plan, det, tmp_path / "b", ShardSettings(batch_size=2, bucket_window=window))
+    assert det.widths == expected
+    # one image at a time writes the same bytes: batching changes neither the order nor the content
+    process_shard(plan, SizedDetector(), tmp_path / "one", ShardSettings(batch_size=1))
+    tar = "features-000000.tar"
+    assert (tmp_path / "b" / tar).read_bytes() == (tmp_path / "one" / tar).read_bytes()
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "b" / tar), shardshuffle=False)]
+    assert keys == [str(i) for i in range(7)]
+    rows = pq.read_table(tmp_path / "b" / "features-000000.parquet").to_pylist()
+    assert [r["width"] for r in rows] == widths
+
+
+def test_a_full_disk_stops_the_shard_in_one_line_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pipelines import writers
+    from pipelines.writers import DiskFullError
+
+    (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", [20, 21, 22])), 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "features-000007.tar").write_bytes(b"a finished shard of the same job")
+    real = writers.FeatureShardWriter.write_sample
+
+    def fills_up(self, key, members):
+        if key == "1":  # the disk is full from the second sample on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, members)
+
+    monkeypatch.setattr(writers.FeatureShardWriter, "write_sample", fills_up)
+    with pytest.raises(DiskFullError) as err:
+        process_shard(plan, ConstantDetector(), out, ShardSettings(batch_size=1))
+    message = str(err.value)
+    assert message.startswith(f"no space left on the device of {out} (") and "MB free" in message
+    assert "features-000000" in message and "\n" not in message
+    assert sorted(p.name for p in out.iterdir()) == ["features-000007.tar"]  # no temporary, nothing half-done
