@@ -156,7 +156,7 @@ def test_trainer_gives_a_new_model_the_shards_statistics(tmp_path: Path, caption
     model2 = ViLBERTForPretraining.from_pretrained(tmp_path / "run2")
     np.testing.assert_allclose(model2.vilbert.image_embeddings.feature_mean.numpy(), stats.mean, rtol=1e-5)
     source = json.loads((tmp_path / "run2" / "train_args.json").read_text())["feature_stats_source"]
-    assert "training batches" in source
+    assert source == "the regions of the first 6 training examples (no feature_stats.json)"
 
     # the reference's raw input on request; a checkpoint keeps its own and refuses a contradiction
     _pretrain(caption_task, tmp_path / "raw", feature_norm="none")

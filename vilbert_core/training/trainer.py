@@ -402,7 +402,8 @@ def training_feature_stats(
         feat, mask = batch["image_feat"], batch["image_mask"]
         feat = feat.reshape(-1, *feat.shape[-2:])[:, 1:]  # (N,R-1,D): candidates folded, [IMG] dropped
         keep = mask.reshape(-1, mask.shape[-1])[:, 1:] != 0
-        running.add(feat[keep].double().numpy())
+        for f, k in zip(feat, keep, strict=True):  # one example's real regions at a time
+            running.add(f[k].double().numpy())
         if running.images * ctx.world_size >= max_images:
             break
     if running.sum is None:
@@ -413,7 +414,7 @@ def training_feature_stats(
     d = running.sum.shape[0]
     running.sum, running.sumsq = totals[:d], totals[d : 2 * d]
     running.regions, running.images = int(round(totals[2 * d])), int(round(totals[2 * d + 1]))
-    return running.result(), f"the first {running.images} training batches' regions (no feature_stats.json)"
+    return running.result(), f"the regions of the first {running.images} training examples (no feature_stats.json)"
 
 
 def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
