@@ -33,13 +33,15 @@ from pipelines.extract_job import (
     EXIT_SOME_FAILED,
     FEATURE_DIMS,
     ExtractResult,
-    _check_detector,
-    _dataset_json,
-    _open_job,
-    _ProgressBar,
+    ProgressBar,
+    check_job_detector,
+    check_machine,
     clear_feature_set,
+    dataset_json,
+    open_job,
 )
 from pipelines.feature_formats import FORMATS, FormatError, Part, RecordError, detect_format, get_reader
+from pipelines.folder_lock import FolderLock, FolderLockedError
 from pipelines.planner import ShardPlan, read_shard_stats, shard_name, split_done
 from pipelines.sources import SourceItem
 from pipelines.writers import DTYPES, atomic_write_json, remove_stale_temps
@@ -107,8 +109,7 @@ def run_convert(
     cannot finish.
     """
     from pipelines.convert_worker import ConvertSpec
-    from pipelines.distributor import connect_ray, plan_workers, run_shards
-    from pipelines.worker import ShardSettings
+    from pipelines.distributor import ExtractJobError
 
     opts = options or ConvertOptions()
     opts.validate()
@@ -125,11 +126,31 @@ def run_convert(
     spec = ConvertSpec(fmt, feature_dim, opts.feature_layer, opts.dtype, _recompute_spec(opts))
 
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    # --ray-address and --device cuda checked before Ray starts, as extract does (no GPU per worker here)
+    check_machine(opts.ray_address, opts.device if opts.recompute_classes else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # one job per output folder, as extract: a second one would redo and race on the same shards
+    try:
+        with FolderLock(out_dir):
+            return _convert_locked(paths, fmt, feature_dim, parts, plans, spec, out_dir, opts, worker_factory)
+    except FolderLockedError as err:
+        raise ExtractJobError(str(err)) from err
+
+
+def _convert_locked(
+    paths: list[str], fmt: str, feature_dim: int, parts: list[Part], plans: list[ShardPlan], spec: Any,
+    out_dir: Path, opts: ConvertOptions, worker_factory: Callable[[Any], Any] | None,
+) -> ConvertResult:  # fmt: skip
+    """The conversion proper, run while this process holds the output folder's lock."""
+    from pipelines.distributor import connect_ray, disconnect_ray, plan_workers, run_shards
+    from pipelines.worker import ShardSettings
+
     if opts.overwrite:
         clear_feature_set(out_dir)
-    remove_stale_temps(out_dir)
-    job = _open_job(
+    remove_stale_temps(out_dir)  # safe: the lock says no other job writes here
+    job = open_job(
         out_dir, paths, [_part_item(p, plan) for p, plan in zip(parts, plans, strict=True)], opts, len(plans)
     )
     done, pending = split_done(out_dir, plans)
@@ -155,39 +176,29 @@ def run_convert(
             def on_info(info: dict) -> None:
                 nonlocal t_ready
                 t_ready = time.perf_counter()
-                _check_detector(out_dir, job, info)
+                check_job_detector(out_dir, job, info)
 
             # TSV ranges hold about shard_size lines each; other parts know their record count
             total = sum(min(p.items[0].end - p.items[0].start, opts.shard_size) for p in pending)
-            with _ConvertBar(total, opts.progress) as bar:
+            with ProgressBar(total, opts.progress, "convert") as bar:
                 settings = ShardSettings(dtype=opts.dtype, feature_layer=opts.feature_layer)
                 report = run_shards(pending, out_dir, factory, settings, worker_plan, bar, on_info)
         finally:
             if connected:
-                ray.shutdown()
+                disconnect_ray()
         remove_stale_temps(out_dir)
     elif "detector" not in job:
-        _check_detector(out_dir, job, {"source_format": fmt, "feature_dim": feature_dim, "detector": None})
+        check_job_detector(out_dir, job, {"source_format": fmt, "feature_dim": feature_dim, "detector": None})
     seconds = time.perf_counter() - t0
 
     all_stats = [read_shard_stats(out_dir, p) for p in plans]
     timing = {"seconds": seconds, "startup_seconds": t_ready - t0 if report else 0.0}
-    dataset = _dataset_json(out_dir, paths, opts, job, plans, all_stats, report, timing, len(done))
+    dataset = dataset_json(out_dir, paths, opts, job, plans, all_stats, report, timing, len(done))
     dataset["settings"].update(images=opts.images, sources=paths)  # `images` means the originals here
     dataset.update(_source_fields(fmt, paths, feature_dim, all_stats, report, job, dataset["counts"]["ok"]))
     dataset["summary"].update(_byte_rates(report, timing))
     atomic_write_json(out_dir / DATASET_FILE, dataset)
     return ConvertResult(out_dir, dataset, EXIT_SOME_FAILED if dataset["counts"]["failed"] else EXIT_OK)
-
-
-class _ConvertBar(_ProgressBar):
-    """The extract job's progress bar, named after this job."""
-
-    def __init__(self, total: int, enabled: bool) -> None:  # not super(): it would draw "extract" first
-        from pipelines.progress import progress_bar
-
-        self.bar = progress_bar(total, "convert", "img", enabled, dynamic_ncols=True)
-        self.failed = -1
 
 
 def probe_feature_dim(reader: Any, parts: list[Part]) -> int:
@@ -227,7 +238,7 @@ def _recompute_spec(opts: ConvertOptions) -> Any:
 
 
 def _part_item(part: Part, plan: ShardPlan) -> SourceItem:
-    """A part as an input of `_open_job`'s fingerprint: where it is and what its source holds."""
+    """A part as an input of `open_job`'s fingerprint: where it is and what its source holds."""
     return SourceItem(part.path, f"{part.path}#{part.start}-{part.end}:{part.fingerprint}", plan.name)
 
 

@@ -173,7 +173,7 @@ def run_extract(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     items = list_sources(images, opts.limit)
-    check_machine(opts)
+    check_machine(opts.ray_address, opts.device, opts.gpus_per_worker)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -194,9 +194,9 @@ def run_extract(
         raise ExtractJobError(f"{err}; {_space_advice(out_dir, plans)}") from err
 
 
-def check_machine(opts: ExtractOptions) -> None:
+def check_machine(ray_address: str | None, device: str, gpus_per_worker: float | None = None) -> None:
     """Checks of this machine and of --ray-address, before Ray starts: raise ValueError naming the option."""
-    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address or os.environ.get("RAY_ADDRESS")
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return  # a Ray this process already joined: its resources are checked once the job plans workers
@@ -205,13 +205,11 @@ def check_machine(opts: ExtractOptions) -> None:
 
         check_ray_address(address)
         return  # the GPUs are the cluster's, not this machine's
-    if opts.device == "cuda" or (opts.gpus_per_worker or 0) > 0:
+    if device == "cuda" or (gpus_per_worker or 0) > 0:
         import torch
 
         if not torch.cuda.is_available():
-            option = (
-                "--device cuda" if opts.device == "cuda" else f"--gpus-per-worker {opts.gpus_per_worker:g}"
-            )
+            option = "--device cuda" if device == "cuda" else f"--gpus-per-worker {gpus_per_worker:g}"
             raise ValueError(
                 f"{option}: this machine has no CUDA device that torch can use; use --device cpu (or auto), "
                 "or --ray-address to join a cluster with GPUs"
@@ -248,7 +246,7 @@ def _run_locked(
     if opts.overwrite:
         clear_feature_set(out_dir)
     remove_stale_temps(out_dir)  # safe: the lock says no other job writes here
-    job = _open_job(out_dir, images, items, opts, len(plans))
+    job = open_job(out_dir, images, items, opts, len(plans))
     done, pending = split_done(out_dir, plans)
 
     t0 = time.perf_counter()
@@ -277,7 +275,7 @@ def _run_locked(
             def on_info(info: dict) -> None:
                 nonlocal t_ready
                 t_ready = time.perf_counter()
-                _check_detector(out_dir, job, info)
+                check_job_detector(out_dir, job, info)
                 if info.get("random_weights"):
                     from tqdm.auto import tqdm
 
@@ -285,7 +283,7 @@ def _run_locked(
                         "WARNING: the detector has RANDOM weights (no --weights): the features are meaningless."
                     )
 
-            with _ProgressBar(sum(len(p.items) for p in pending), opts.progress) as bar:
+            with ProgressBar(sum(len(p.items) for p in pending), opts.progress) as bar:
                 report = run_shards(pending, out_dir, factory, settings, worker_plan, bar, on_info)
         finally:
             if connected:
@@ -297,7 +295,7 @@ def _run_locked(
 
     all_stats = [read_shard_stats(out_dir, p) for p in plans]
     timing = {"seconds": seconds, "startup_seconds": t_ready - t0 if report else 0.0}
-    dataset = _dataset_json(out_dir, images, opts, job, plans, all_stats, report, timing, len(done))
+    dataset = dataset_json(out_dir, images, opts, job, plans, all_stats, report, timing, len(done))
     atomic_write_json(out_dir / DATASET_FILE, dataset)
     failed = dataset["counts"]["failed"]
     return ExtractResult(out_dir, dataset, EXIT_SOME_FAILED if failed else EXIT_OK)
@@ -312,7 +310,7 @@ def clear_feature_set(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _open_job(out_dir: Path, images: str | Path, items: list, opts: ExtractOptions, num_shards: int) -> dict:
+def open_job(out_dir: Path, images: str | Path, items: list, opts: ExtractOptions, num_shards: int) -> dict:
     """Create `_job.json`, or check that the existing one describes this same job."""
     from pipelines.distributor import ExtractJobError
 
@@ -342,7 +340,7 @@ def _open_job(out_dir: Path, images: str | Path, items: list, opts: ExtractOptio
     return job
 
 
-def _check_detector(out_dir: Path, job: dict, info: dict) -> None:
+def check_job_detector(out_dir: Path, job: dict, info: dict) -> None:
     """Pin the detector of a job; a resumed job must use the same checkpoint bytes."""
     from pipelines.distributor import ExtractJobError
 
@@ -363,13 +361,13 @@ def _diff(old: Any, new: Any) -> str:
     return "changed"
 
 
-class _ProgressBar:
+class ProgressBar:
     """A tqdm bar fed with cumulative (ok, failed) counts; a no-op when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, desc: str = "extract"):
         from pipelines.progress import progress_bar
 
-        self.bar = progress_bar(total, "extract", "img", enabled, dynamic_ncols=True)
+        self.bar = progress_bar(total, desc, "img", enabled, dynamic_ncols=True)
         self.failed = -1
 
     def __call__(self, ok: int, failed: int) -> None:
@@ -379,7 +377,7 @@ class _ProgressBar:
             self.failed = failed
             self.bar.set_postfix(failed=failed, refresh=False)
 
-    def __enter__(self) -> _ProgressBar:
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -401,7 +399,7 @@ def boxes_histogram(out_dir: str | Path, shard_names: list[str]) -> dict[int, in
     return dict(sorted(hist.items()))
 
 
-def _dataset_json(
+def dataset_json(
     out_dir: Path,
     images: str | Path,
     opts: ExtractOptions,
