@@ -226,3 +226,36 @@ def test_strips_get_boxes_of_positive_size_inside_the_image(detector, size):
         np.testing.assert_array_equal(b[:, [0, 2]], np.tile([0.0, 1.0], (out.num_boxes, 1)))
     if h == 1:
         np.testing.assert_array_equal(b[:, [1, 3]], np.tile([0.0, 1.0], (out.num_boxes, 1)))
+
+
+FEW = dict(pre_nms_topk=60, post_nms_topk=3, min_boxes=2, max_boxes=3)  # 3 regions: the res5 head is the cost
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast", [None, "bf16", "fp16"])
+def test_cuda_matches_the_cpu_and_an_image_ignores_its_batch_mates(detector, photos, autocast):
+    # the same seeded weights on the GPU (the CPU fixture's model stays on the CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpu = Detector.from_checkpoint(
+            None,
+            device="cuda",
+            config=DetectorConfig(**{**SMALL, **FEW}, autocast=autocast, batch_size=3),
+        )
+    cpu = variant(detector, batch_size=3, **FEW)
+    target = photos[2]
+    (on_cpu,) = cpu.detect([target])
+    # features of the CPU's regions computed on the GPU (TF32 convolutions in fp32; autocast rounds more)
+    given = gpu.features_for_boxes(target, on_cpu.boxes)
+    err = np.linalg.norm(given.features - on_cpu.features) / np.linalg.norm(on_cpu.features)
+    assert err < (1e-2 if autocast is None else 5e-2), err
+    np.testing.assert_allclose(given.cls_prob.sum(axis=1), 1.0, atol=1e-3)
+    # detection on the GPU: the contract's shapes, finite values, and the same bytes with batch-mates
+    (alone,) = gpu.detect([target])
+    assert 2 <= alone.num_boxes <= 3
+    assert np.isfinite(alone.features).all() and np.isfinite(alone.cls_prob).all()
+    assert alone.features.dtype == np.float32 and alone.features.shape[1] == 1024
+    mates = [p.resize(target.size) for p in photos[:2]]
+    out = gpu.detect([mates[0], target, photos[0], mates[1]])
+    assert gpu.forward_groups([mates[0], target, photos[0], mates[1]]) == [[0, 1, 3], [2]]
+    assert_same_bytes(out[1], alone)

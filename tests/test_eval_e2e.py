@@ -416,3 +416,28 @@ def test_detect_kind_of_reference_checkpoints(tmp_path: Path, keys: str, kind: s
     torch.save({n: torch.zeros(1) for n in names}, tmp_path / "pytorch_model.bin")  # only the names matter
     assert detect_kind(tmp_path / "pytorch_model.bin", None) == kind
     assert detect_kind(tmp_path, None) == kind
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_cuda_gives_the_cpu_metrics(tmp_path: Path, vocab: Path, task: str) -> None:
+    # random (non-constant) heads: masking, negatives and every score must be the CPU's
+    caps = [[{"caption": "a dog sits on the grass"}, {"caption": "two dogs on the grass"}],
+            [{"caption": "a red cat sits"}], [{"caption": "a happy man"}, {"caption": "the sad man sits"}]]  # fmt: skip
+    shard_task = "captions" if task == "pretrain" else "retrieval"
+    split = "val" if task == "pretrain" else "test"
+    data = write_task_dir(tmp_path / "d", shard_task, split, [(f"im{i}", 4, c) for i, c in enumerate(caps)])
+    torch.manual_seed(0)
+    model = ViLBERTForPretraining(tiny(vocab, v_target_size=1601))
+    run = write_run(tmp_path / "run", model, "pretrain", vocab)
+    m = {
+        dev: run_eval(task, run, data, tmp_path / dev, batch_size=2, device=dev, progress=False)["splits"][split]
+        for dev in ("cpu", "cuda")
+    }
+    if task == "pretrain":
+        assert m["cuda"]["pairs"] == m["cpu"]["pairs"] == 5
+        for key in ("perplexity", "masked_region_kl", "alignment_accuracy", "masked_token_accuracy"):
+            assert m["cuda"][key] == pytest.approx(m["cpu"][key], rel=1e-3, abs=1e-4), key
+    else:
+        for key in ("image_retrieval", "text_retrieval"):
+            assert m["cuda"][key] == pytest.approx(m["cpu"][key]), key

@@ -36,6 +36,7 @@ def ray_cluster():
     ray.init(
         address="local",
         num_cpus=2,
+        num_gpus=0,  # a CPU cluster on a GPU machine too: the tests expect "has 0 GPUs"
         object_store_memory=100 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,

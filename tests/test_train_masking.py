@@ -85,7 +85,7 @@ def test_mrm_rates_never_touch_global_region_or_padding():
     assert abs(zeroed.sum().item() / n_picked - 0.9) < 0.015
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cpu_generator_masks_cuda_batches_as_it_masks_cpu_ones():
     """The trainer's masking generator lives on the CPU while its batches are on the GPU."""
     ids, mask = _text_batch(b=64)

@@ -420,7 +420,9 @@ def eval_pretrain(
 
     _require_kind(loaded, "pretrain")
     tok = loaded.tokenizer
-    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    # A CPU generator on every device, as in training: the masks, so the metrics, do not depend on the
+    # device (a CUDA generator draws other numbers from the same seed).
+    gen = torch.Generator().manual_seed(seed)
     sums_tok = {"correct": 0, "nll": 0.0, "count": 0}
     sums_reg = {"kl": 0.0, "count": 0}
     sums_al = {"correct": 0, "count": 0}
