@@ -5,8 +5,16 @@ Full-size ResNet-101 C4 at 600/1000 with 300 proposals (the original test settin
 (speed does not depend on the values). Run from the repository root:
 
     .venv/bin/python bench/bench_detector.py --device cpu --images 2 --repeats 1
-    .venv/bin/python bench/bench_detector.py --device cuda --images 64 --batch-size 16 --repeats 3
-    .venv/bin/python bench/bench_detector.py --batching --device cuda --images 64 --batch-size 4 --dtypes bf16
+    .venv/bin/python bench/bench_detector.py --device cuda --images 64 --batch-size 1,16 --repeats 2 --dtypes fp32,bf16,fp16
+    .venv/bin/python bench/bench_detector.py --batching --device cuda --images 64 --batch-size 4,8 --dtypes bf16
+
+The pipeline table splits each image's time into decode (JPEG bytes -> RGB, `extract.load_image`),
+preprocess, backbone, RPN, box head, selection (with packaging into numpy) and encode (the shard
+members, `pipelines.writers.encode_detections`), with the device synchronised between stages. Images
+run in forward passes of one input size with `--batch-size` slots, as `Detector.detect` runs them;
+`--batch-size` takes a comma list. On CUDA the table also gives `detect()` itself (no stage
+synchronisation) and, per autocast precision, how far the features of the fp32 regions move
+(`Detector.features_for_boxes` on the fp32 boxes).
 
 --batching compares, on COCO-like photos of mixed sizes, one image per forward pass, the rule `detect`
 follows (passes of one input size, always `--batch-size` slots) and the old padded mixed batches, and
@@ -18,6 +26,7 @@ Prints a markdown report (and writes it with --out). CPU numbers depend on the n
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import time
 import warnings
@@ -27,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract import Detector, DetectorConfig
+from extract import Detector, DetectorConfig, load_image
 from extract.selection import choose_boxes, max_conf_loop, select_regions
+from pipelines.writers import encode_detections
 
 
 def sync(device: torch.device) -> None:
@@ -81,18 +91,39 @@ def test_images(n: int) -> list[Image.Image]:
     return [Image.fromarray(pool[i % len(pool)]) for i in range(n)]
 
 
-def run_pipeline(det: Detector, images: list[Image.Image], batch_size: int, repeats: int) -> dict:
-    """Time each stage of detect() over the images (selection includes packaging); seconds per image per stage, FLOPs."""
-    stages = dict.fromkeys(("preprocess", "backbone", "rpn", "box_head", "selection"), 0.0)
+def jpeg_bytes(images: list[Image.Image], quality: int = 90) -> list[bytes]:
+    """Each image as JPEG file bytes (what the extraction job reads)."""
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def run_pipeline(det: Detector, files: list[bytes], repeats: int) -> dict:
+    """Time each stage over the JPEG files, in the forward passes `detect` makes; seconds per image per stage, FLOPs.
+
+    Passes hold images of one input size in `det.config.batch_size` slots (`Detector.forward_groups`).
+    FLOPs are counted over the first repeat, empty slots included.
+    """
+    stages = dict.fromkeys(
+        ("decode", "preprocess", "backbone", "rpn", "box_head", "selection", "encode"), 0.0
+    )
     dev = det.device
+    layer = det.config.feature_layer
+    images = [load_image(f) for f in files]
+    groups = det.forward_groups(images)
     counter = FlopCounter(det.model)
     total_images = 0
     for rep in range(repeats):
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        for group in groups:
             with torch.inference_mode():
+                t = time.perf_counter()
+                chunk = [load_image(files[i]) for i in group]
+                stages["decode"] += time.perf_counter() - t
                 t0 = time.perf_counter()
-                batch = det.preprocess(chunk)
+                batch = det.preprocess(chunk, slots=det.config.batch_size)
                 sync(dev)
                 t1 = time.perf_counter()
                 with det.autocast_context():
@@ -105,15 +136,20 @@ def run_pipeline(det: Detector, images: list[Image.Image], batch_size: int, repe
                     head = det.box_head(feats, props)
                     sync(dev)
                 t4 = time.perf_counter()
-                det.select(props, head, batch)
+                dets = det.select(props, head, batch)
                 sync(dev)
                 t5 = time.perf_counter()
-            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            for i, d in zip(group, dets, strict=True):
+                encode_detections(f"img{i}", "", d, layer)
+            t6 = time.perf_counter()
+            for name, dt in zip(
+                list(stages)[1:], (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True
+            ):
                 stages[name] += dt
             total_images += len(chunk)
-            if rep == 0 and start == 0:
-                flops_per_image = counter.flops / len(chunk)
-                counter.remove()
+        if rep == 0:
+            flops_per_image = counter.flops / total_images
+            counter.remove()
     per_image = {k: v / total_images for k, v in stages.items()}
     return {
         "per_image": per_image,
@@ -222,12 +258,62 @@ def bench_selection(device: torch.device, repeats: int) -> list[tuple[str, float
     return rows
 
 
+def batch_sizes(text: str) -> list[int]:
+    """--batch-size: one or more images-per-pass values, comma-separated."""
+    sizes = [int(x) for x in text.split(",")]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def warm_up(det: Detector, images: list[Image.Image]) -> None:
+    """Run the shapes the timed runs will see: cuDNN picks kernels and CUDA loads modules per shape.
+
+    On CUDA one full-size pass per input size; on the CPU (11 s a full-size image) a small input only.
+    """
+    if det.device.type == "cuda":
+        firsts = {det.input_size(im): im for im in reversed(images)}
+        det.detect(list(firsts.values()))
+    else:
+        small = replace(det.config, min_size=200, max_size=300, post_nms_topk=20)
+        Detector(det.model, small, det.device).detect(images[:1])
+
+
+def detect_rate(det: Detector, images: list[Image.Image], repeats: int) -> float:
+    """Images/s of `Detector.detect` on decoded images, no stage synchronisation (fastest of `repeats`)."""
+    return len(images) / best_time(lambda: det.detect(images), repeats, det.device)
+
+
+def precision_error(ref: Detector, det: Detector, images: list[Image.Image]) -> dict:
+    """How far autocast moves the features of the fp32 regions, and how many of the fp32 boxes it keeps.
+
+    Features: `features_for_boxes` on the boxes fp32 detection chose, ||x - x_fp32|| / ||x_fp32|| over all
+    regions and the largest absolute difference; boxes: the fraction of fp32 boxes that the autocast
+    detection also returns (same coordinates to 0.5 pixel).
+    """
+    num = den = 0.0
+    worst = kept = total = 0.0
+    for img in images:
+        (a,) = ref.detect([img])
+        b = det.features_for_boxes(img, a.boxes)
+        num += float(np.square(b.features - a.features).sum())
+        den += float(np.square(a.features).sum())
+        worst = max(worst, float(np.abs(b.features - a.features).max(initial=0.0)))
+        (c,) = det.detect([img])
+        near = np.abs(a.boxes[:, None, :] - c.boxes[None, :, :]).max(axis=2) <= 0.5
+        kept += float(near.any(axis=1).sum())
+        total += a.num_boxes
+    return {"rel": (num / den) ** 0.5 if den else 0.0, "max_abs": worst, "boxes_kept": kept / max(total, 1)}
+
+
 def main() -> None:
     """Parse options, run the measurements, print (and write) the markdown report."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--images", type=int, default=2, help="images per repeat")
-    ap.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    ap.add_argument(
+        "--batch-size", type=batch_sizes, default=[1], help="images per forward pass; a comma list runs each"
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (fp16: CUDA only)")
     ap.add_argument("--depth", type=int, default=101)
@@ -242,6 +328,12 @@ def main() -> None:
     )
     ap.add_argument("--min-size", type=int, default=600)
     ap.add_argument("--max-size", type=int, default=1000)
+    ap.add_argument(
+        "--detect-rate",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="also time detect() without stage syncs and the autocast feature error (auto: on CUDA)",
+    )
     ap.add_argument("--out", default="", help="also write the report to this file")
     args = ap.parse_args()
 
@@ -267,71 +359,96 @@ def main() -> None:
         "",
         f"Measured matmul throughput ({n}^3): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
     ]
+    config = DetectorConfig(
+        depth=args.depth, post_nms_topk=args.post_nms_topk, min_size=args.min_size, max_size=args.max_size
+    )
 
     if args.batching:
+        first = args.dtypes.split(",")[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             base = Detector.from_checkpoint(
-                None,
-                device=device,
-                config=DetectorConfig(
-                    depth=args.depth,
-                    post_nms_topk=args.post_nms_topk,
-                    min_size=args.min_size,
-                    max_size=args.max_size,
-                    autocast=None if args.dtypes.split(",")[0] == "fp32" else args.dtypes.split(",")[0],
-                ),
+                None, device=device, config=replace(config, autocast=None if first == "fp32" else first)
             )
         images = mixed_images(args.images)
         sizes = sorted({base.input_size(im) for im in images})
         lines += [
             "",
             f"Batching rule: R-{args.depth} C4, {args.min_size}/{args.max_size}, {args.post_nms_topk} proposals, "
-            f"{args.dtypes.split(',')[0]}, {args.images} COCO-like photos in {len(sizes)} input sizes {sizes}, "
+            f"{first}, {args.images} COCO-like photos in {len(sizes)} input sizes {sizes}, "
             f"fastest of {args.repeats}",
-            "",
-            "| rule | forward passes | empty slots | images/s | vs one per pass | max feature change in a batch |",
-            "|---|---|---|---|---|---|",
-            *bench_batching(base, images, args.batch_size, args.repeats),
         ]
+        for bs in args.batch_size:
+            lines += [
+                "",
+                f"Batch size {bs}:",
+                "",
+                "| rule | forward passes | empty slots | images/s | vs one per pass | max feature change in a batch |",
+                "|---|---|---|---|---|---|",
+                *bench_batching(base, images, bs, args.repeats),
+            ]
         emit(lines, args.out)
         return
 
     if not args.skip_pipeline:
-        images = test_images(args.images)
+        files = jpeg_bytes(test_images(args.images))
+        images = [load_image(f) for f in files]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = Detector.from_checkpoint(
-                None, device=device, config=DetectorConfig(depth=args.depth, post_nms_topk=args.post_nms_topk)
-            )
+            base = Detector.from_checkpoint(None, device=device, config=config)
+        sizes = sorted({base.input_size(im) for im in images})
+        with_rate = args.detect_rate == "yes" or (args.detect_rate == "auto" and device.type == "cuda")
         lines += [
             "",
             f"Full pipeline: R-{args.depth} C4, {base.config.min_size}/{base.config.max_size}, "
-            f"{args.post_nms_topk} proposals, batch {args.batch_size}, {args.images} images x {args.repeats} repeats",
+            f"{args.post_nms_topk} proposals, {args.images} JPEG photographs in {len(sizes)} input sizes "
+            f"{sizes} x {args.repeats} repeats; a forward pass holds images of one input size in "
+            f"batch-size slots. Stage columns: seconds per image (share of the stage sum).",
             "",
-            "| precision | images/s | s/image | preprocess | backbone | RPN | box head | selection | TFLOP/image | achieved TFLOP/s | fraction of matmul peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| precision | batch | images/s (stages) | detect() images/s | s/image | decode | preprocess | backbone "
+            "| RPN | box head | selection | encode | TFLOP/image | achieved TFLOP/s | fraction of matmul peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        errors = []
+        ref = None
         for name in args.dtypes.split(","):
             autocast = None if name == "fp32" else name
             if autocast == "fp16" and device.type != "cuda":
                 continue
-            det = Detector(base.model, replace(base.config, autocast=autocast), device)
-            # warm-up (oneDNN / cuDNN algorithm choice) on a small input, per precision
-            warm = Detector(
-                base.model, replace(det.config, min_size=200, max_size=300, post_nms_topk=20), device
-            )
-            warm.detect(images[:1])
-            peaks[name] = max(peaks[name], matmul_tflops(device, dtype_of[name], n))  # same load as the run
-            r = run_pipeline(det, images, args.batch_size, args.repeats)
-            s = r["seconds_per_image"]
-            achieved = r["flops_per_image"] / s / 1e12
-            split = " | ".join(f"{v:.3f} s ({100 * v / s:.0f}%)" for v in r["per_image"].values())
-            lines.append(
-                f"| {name} | {1 / s:.3f} | {s:.2f} | {split} | {r['flops_per_image'] / 1e12:.2f} | {achieved:.3f} | "
-                f"{achieved / peaks[name]:.2f} |"
-            )
-            print(lines[-1], flush=True)
+            for bs in args.batch_size:
+                det = Detector(base.model, replace(base.config, autocast=autocast, batch_size=bs), device)
+                warm_up(det, images)
+                # the peak measured just before, under the same load as the run
+                peaks[name] = max(peaks[name], matmul_tflops(device, dtype_of[name], n))
+                r = run_pipeline(det, files, args.repeats)
+                rate = f"{detect_rate(det, images, args.repeats):.3f}" if with_rate else "-"
+                s = r["seconds_per_image"]
+                achieved = r["flops_per_image"] / s / 1e12
+                split = " | ".join(f"{v:.4f} s ({100 * v / s:.0f}%)" for v in r["per_image"].values())
+                lines.append(
+                    f"| {name} | {bs} | {1 / s:.3f} | {rate} | {s:.4f} | {split} | "
+                    f"{r['flops_per_image'] / 1e12:.2f} | {achieved:.3f} | {achieved / peaks[name]:.2f} |"
+                )
+                print(lines[-1], flush=True)
+            if autocast is None:
+                ref = Detector(base.model, replace(base.config, batch_size=1), device)
+            elif with_rate and ref is not None:
+                e = precision_error(ref, Detector(base.model, replace(base.config, autocast=autocast), device),
+                                    images[: min(4, len(images))])  # fmt: skip
+                errors.append(
+                    f"| {name} | {e['rel']:.2e} | {e['max_abs']:.2e} | {100 * e['boxes_kept']:.1f}% |"
+                )
+        if errors:
+            lines += [
+                "",
+                "Autocast against fp32 on the first photographs: features of the fp32 regions "
+                "(`features_for_boxes`), relative L2 error and largest absolute change; share of the fp32 "
+                "boxes the autocast detection also returns (random weights: boxes are sensitive to rounding)",
+                "",
+                "| precision | feature rel. error | max abs change | fp32 boxes kept |",
+                "|---|---|---|---|",
+                *errors,
+            ]
 
     # One thread on the CPU: the selection is many small ops, and on a shared machine a second OpenMP
     # thread that is not scheduled makes every parallel region wait (both variants measured alike).

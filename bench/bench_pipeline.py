@@ -8,10 +8,15 @@ The job rate is given over the whole run and after start-up (Ray + actors loadin
 the memory of every Ray process (driver excluded) is sampled twice a second during each job.
 
 Random weights and a small detector setting by default, so it runs in minutes on a laptop CPU;
-full-size detector figures belong to the detector benchmark.
+full-size detector figures belong to the detector benchmark. With `--device cuda` both run on the GPU
+(one GPU per worker); `--photos` uses real photographs (scikit-image's, JPEG at their own sizes, so
+the images fall into several input sizes as in a real folder) instead of generated noise.
 
-Example:
+Examples:
     RAY_AUTH_MODE=disabled python bench/bench_pipeline.py --images 32 --workers 1,2 --out bench/results/pipeline.json
+    python bench/bench_pipeline.py --device cuda --photos --images 384 --workers 1 --depth 101 \
+        --min-size 600 --max-size 1000 --max-proposals 300 --min-boxes 10 --max-boxes 36 \
+        --batch-size 8 --shard-size 64 --autocast bf16
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ def make_images(root: Path, n: int, width: int, height: int) -> list[Path]:
                 (x, y, x + int(rng.integers(10, 60)), y + int(rng.integers(10, 60))),
                 fill=tuple(rng.integers(0, 256, 3).tolist()),
             )
+        p = root / f"img{i:05d}.jpg"
+        img.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def save_photos(root: Path, n: int) -> list[Path]:
+    """`n` JPEGs cycling through scikit-image's photographs (random pixels if it is missing)."""
+    from bench_detector import test_images
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(test_images(n)):
         p = root / f"img{i:05d}.jpg"
         img.save(p, quality=90)
         paths.append(p)
@@ -123,21 +141,24 @@ class MemorySampler(threading.Thread):
         return self.samples
 
 
-def bench_detector(paths: list[Path], config: dict, batch_size: int) -> dict:
-    """Images/s of `Detector.detect` alone on pre-decoded images (one warm-up batch)."""
+def bench_detector(paths: list[Path], config: dict, batch_size: int, device: str = "cpu") -> dict:
+    """Images/s of `Detector.detect` alone on pre-decoded images (after one warm-up pass per input size).
+
+    All images go to one `detect` call, which groups them by input size into full passes, as the job's
+    workers do within a shard.
+    """
     import torch
 
     from extract import Detector, DetectorConfig, load_image
 
     torch.set_num_threads(os.cpu_count() or 1)
     det = Detector.from_checkpoint(
-        None, device="cpu", feature_layer="res4", config=DetectorConfig(**config, batch_size=batch_size)
+        None, device=device, feature_layer="res4", config=DetectorConfig(**config, batch_size=batch_size)
     )
     images = [load_image(p) for p in paths]
-    det.detect(images[:batch_size])
+    det.detect(list({det.input_size(im): im for im in reversed(images)}.values()))
     t, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, len(images), batch_size):
-        det.detect(images[i : i + batch_size])
+    det.detect(images)  # returns numpy arrays: the GPU work is finished when it returns
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "images": len(images),
@@ -177,6 +198,13 @@ def bench_job(src: Path, out: Path, options: dict) -> dict:
     }
 
 
+def gpu_name() -> str:
+    """The name of CUDA device 0."""
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def main() -> None:
     """Run the benchmark and print/write the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,25 +218,39 @@ def main() -> None:
     ap.add_argument("--min-size", type=int, default=128)
     ap.add_argument("--max-size", type=int, default=192)
     ap.add_argument("--max-proposals", type=int, default=10)
+    ap.add_argument("--min-boxes", type=int, default=4)
+    ap.add_argument("--max-boxes", type=int, default=10)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="detector alone and the workers")
+    ap.add_argument(
+        "--autocast", default=None, choices=["bf16", "fp16"], help="mixed precision in the detector"
+    )
+    ap.add_argument("--photos", action="store_true", help="real photographs (scikit-image) instead of noise")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     options = dict(
         depth=args.depth, min_size=args.min_size, max_size=args.max_size, max_proposals=args.max_proposals,
-        min_boxes=4, max_boxes=10, batch_size=args.batch_size, shard_size=args.shard_size, device="cpu",
+        min_boxes=args.min_boxes, max_boxes=args.max_boxes, batch_size=args.batch_size,
+        shard_size=args.shard_size, device=args.device, autocast=args.autocast,
     )  # fmt: skip
     from pipelines.extract_job import ExtractOptions
 
     config = ExtractOptions(**{k: v for k, v in options.items() if k != "device"}).detector_config()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "images"
-        paths = make_images(src, args.images, args.width, args.height)
+        if args.photos:
+            paths = save_photos(src, args.images)
+            size = "scikit-image photographs"
+        else:
+            paths = make_images(src, args.images, args.width, args.height)
+            size = f"{args.width}x{args.height}"
         results = {
-            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+            + (f", {gpu_name()}" if args.device == "cuda" else ""),
             "load_average_at_start": os.getloadavg(),
-            "settings": {**options, "images": args.images, "size": f"{args.width}x{args.height}"},
-            "detector_alone": bench_detector(paths, config, args.batch_size),
+            "settings": {**options, "images": args.images, "size": size},
+            "detector_alone": bench_detector(paths, config, args.batch_size, args.device),
             "job": [],
         }
         print("detector alone:", results["detector_alone"], flush=True)
