@@ -7,8 +7,10 @@ commands so that `--help` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -46,6 +48,24 @@ def main(
     ),
 ) -> None:
     """vilbert-data command-line interface."""
+
+
+def _run_feature_job(job: Callable[[], Any]) -> Any:
+    """Run an extract/convert job; its failures become one line and the documented exit status."""
+    from pipelines.distributor import ExtractJobError
+    from pipelines.extract_job import EXIT_BAD_INPUT, EXIT_JOB_FAILED
+
+    try:
+        return job()
+    except ExtractJobError as err:
+        typer.echo(f"error: the job could not finish: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from err
+    except Exception as err:  # Ray or the filesystem broke: still a message and the documented status
+        typer.echo(f"error: the job could not finish: {type(err).__name__}: {err}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED) from err
 
 
 # ---------------------------------------------------------------- extract (owner: pipelines/extract)
@@ -115,10 +135,7 @@ def extract_cmd(
     Fast random-weight preview on a laptop CPU:
     vilbert-data extract --images photos/ --out feats/ --depth 50 --min-size 256 --max-size 384 --max-proposals 10
     """
-    from pipelines.distributor import ExtractJobError
     from pipelines.extract_job import (
-        EXIT_BAD_INPUT,
-        EXIT_JOB_FAILED,
         ExtractOptions,
         format_summary,
         run_extract,
@@ -146,17 +163,7 @@ def extract_cmd(
         autocast=autocast,
         progress=progress,
     )
-    try:
-        result = run_extract(images, out, options)
-    except ExtractJobError as err:
-        typer.echo(f"error: the job could not finish: {err}", err=True)
-        raise typer.Exit(EXIT_JOB_FAILED) from err
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from err
-    except Exception as err:  # Ray or the filesystem broke: still a message and the documented status
-        typer.echo(f"error: the job could not finish: {type(err).__name__}: {err}", err=True)
-        raise typer.Exit(EXIT_JOB_FAILED) from err
+    result = _run_feature_job(lambda: run_extract(images, out, options))
     typer.echo(format_summary(result.dataset))
     typer.echo(f"wrote {out}/dataset.json")
     raise typer.Exit(result.exit_code)
@@ -258,8 +265,7 @@ def convert_cmd(
     Example: vilbert-data convert trainval_36/ --out feats/ --format butd-tsv
     """
     from pipelines.convert_job import ConvertOptions, format_source, run_convert
-    from pipelines.distributor import ExtractJobError
-    from pipelines.extract_job import EXIT_BAD_INPUT, EXIT_JOB_FAILED, format_summary
+    from pipelines.extract_job import EXIT_BAD_INPUT, format_summary
 
     if recompute_classes and weights is None:
         typer.echo("error: --recompute-classes needs --weights (a detector checkpoint)", err=True)
@@ -277,17 +283,7 @@ def convert_cmd(
         device=device,
         progress=progress,
     )
-    try:
-        result = run_convert(sources, out, options)
-    except ExtractJobError as err:
-        typer.echo(f"error: the job could not finish: {err}", err=True)
-        raise typer.Exit(EXIT_JOB_FAILED) from err
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from err
-    except Exception as err:  # Ray or the filesystem broke: still a message and the documented status
-        typer.echo(f"error: the job could not finish: {type(err).__name__}: {err}", err=True)
-        raise typer.Exit(EXIT_JOB_FAILED) from err
+    result = _run_feature_job(lambda: run_convert(sources, out, options))
     typer.echo(format_summary(result.dataset))
     typer.echo(format_source(result.dataset))
     typer.echo(f"wrote {out}/dataset.json")
