@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -29,6 +29,18 @@ app = typer.Typer(
 
 # one definition of the option every long-running command takes, so that name and help stay the same
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
+EXIT_BAD_INPUT = 2  # shard, train, eval: a bad argument or input, said in one line
+
+
+def _literal(text: str) -> str:
+    """Help text shown as written: Rich would take "[task default]" for a markup tag and drop it."""
+    return text.replace("[", "\\[")
+
+
+def _fail(err: BaseException) -> NoReturn:
+    """Stop with one line `error: ...` (a library message may wrap lines) and the bad-input exit status."""
+    typer.echo("error: " + " ".join(str(err).split()), err=True)
+    raise typer.Exit(EXIT_BAD_INPUT) from err
 
 
 def _version_callback(value: bool) -> None:
@@ -173,7 +185,9 @@ def extract_cmd(
 # COMMAND: inspect
 @app.command("inspect")
 def inspect_cmd(
-    out: str = typer.Argument(..., help="A feature set folder written by `vilbert-data extract`."),
+    features: str = typer.Argument(
+        ..., metavar="FEATURES", help="A feature set folder written by `vilbert-data extract` or `convert`."
+    ),
     image_id: str | None = typer.Option(
         None, "--image-id", help="Show this image's boxes (default: first ok one)."
     ),
@@ -204,13 +218,13 @@ def inspect_cmd(
     )
 
     try:
-        summary = summarize(out)
+        summary = summarize(features)
         typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
         if image_id is not None or picture is not None:
             objects, attributes = load_vocabs(vocab or [])
-            typer.echo(format_boxes(load_sample(out, image_id), objects, attributes))
+            typer.echo(format_boxes(load_sample(features, image_id), objects, attributes))
         if picture is not None:
-            typer.echo(f"wrote {render_picture(out, picture, image_id, vocab)}")
+            typer.echo(f"wrote {render_picture(features, picture, image_id, vocab)}")
     except (FileNotFoundError, KeyError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -365,8 +379,7 @@ def shard_cmd(
 
     Example: vilbert-data shard --features feats/ --task vqa --annotations v2_OpenEnded_mscoco_train2014_questions.json v2_mscoco_train2014_annotations.json --split train --out vqa_train/
     """
-    from pipelines.annotations import AnnotationError
-    from pipelines.shard_job import ShardError, run_shard
+    from pipelines.shard_job import run_shard
 
     files = list(annotations) + [a for a in ctx.args]
     unknown = [a for a in files if a.startswith("-")]
@@ -377,15 +390,16 @@ def shard_cmd(
             features, task, files, split, out, shard_size=shard_size, answers=answers,
             min_answer_count=min_answer_count, images=images, weights=weights, device=device, progress=progress,
         )  # fmt: skip
-    except (AnnotationError, ShardError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    except (ValueError, FileNotFoundError) as exc:  # AnnotationError, ShardError: bad inputs, said in one line
+        _fail(exc)
     c = info["counts"]
     typer.echo(
         f"{task}/{split}: {c['images']} images, {c['records']} records in {len(info['shards'])} shard(s) -> {out}\n"
         f"annotations without features: {c['annotations_without_features']} {c['missing_by_reason'] or ''}\n"
         f"images without annotations: {c['images_without_annotations']}; failed: {c['failed']}  (lists: {out}/report/)"
     )
+    for warning in info.get("warnings", []):
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 # COMMAND: vocab
@@ -441,37 +455,44 @@ def train_cmd(
         None, "--init-text-from", help="Hugging Face BERT folder to initialise the text stream from (as the paper)."
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Global batch per optimiser step, over all processes and accumulation [task default]."
+        None, "--batch-size", help=_literal("Global batch per optimiser step, over all processes and accumulation [task default].")
     ),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches accumulated per optimiser step."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate [task default: paper]."),
+    lr: float | None = typer.Option(None, "--lr", help=_literal("Peak learning rate [task default: paper].")),
     bert_lr_mult: float = typer.Option(
         0.1, "--bert-lr-mult", help="Learning-rate multiplier of the parameters loaded by --init-text-from."
     ),
     warmup: float = typer.Option(0.1, "--warmup", help="Linear warmup: a fraction of the steps (<1) or a step count."),
-    epochs: float | None = typer.Option(None, "--epochs", help="Epochs [task default: paper]; ignored with --steps."),
+    epochs: float | None = typer.Option(None, "--epochs", help=_literal("Epochs [task default: paper]; ignored with --steps.")),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
     max_text_len: int = typer.Option(36, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
     max_regions: int = typer.Option(36, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."),
     feature_norm: str | None = typer.Option(
         None, "--feature-norm",
-        help="standardize (region features minus the training mean, over the std, per dimension) or none (raw, as the "
-        "reference) [default: standardize for a new model; a checkpoint keeps its own].",
+        help=_literal("standardize (region features minus the training mean, over the std, per dimension) or none (raw, "
+                      "as the reference) [default: standardize for a new model; a checkpoint keeps its own]."),
     ),
     precision: str | None = typer.Option(
-        None, "--precision", help="fp32, bf16 or fp16 (CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU]."
+        None, "--precision", help=_literal("fp32, bf16 or fp16 (CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU].")
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in RUNDIR/checkpoints/."),
     seed: int = typer.Option(0, "--seed", help="Random seed (shuffling, masking, dropout, init)."),
     num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes per rank."),
     resampled: bool = typer.Option(
-        False, "--resampled", help="Draw shards with replacement: equal batches per rank (many-GPU runs)."
+        False, "--resampled",
+        help="Draw shards with replacement, a fixed number of batches per rank (many nodes; needs no shard index). "
+        "Without it, several processes split each epoch by records: every record once.",
     ),
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a checkpoint every N steps (and at the end)."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep."),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N steps [each epoch]."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep (0: all)."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help=_literal("Validate every N steps [default: each epoch].")),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient-norm clipping threshold."),
+    threads: int | None = typer.Option(
+        None, "--threads",
+        help=_literal("torch threads per process [default: OMP_NUM_THREADS, else the process's cores (CPU affinity) "
+                      "divided by the processes on the node, less --num-workers; at least 1]."),
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
@@ -490,13 +511,12 @@ def train_cmd(
         warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
         feature_norm=feature_norm, precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
-        clip_grad=clip_grad, progress=progress,
+        clip_grad=clip_grad, progress=progress, threads=threads,
     )  # fmt: skip
     try:
         summary = run_train(args)
     except (TrainingError, FileNotFoundError, ValueError) as exc:  # bad inputs: a message, not a traceback
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        _fail(exc)
     if summary["rank"] != 0:  # under torchrun only the first process reports
         return
     last = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["last"].items()))
@@ -556,7 +576,8 @@ def eval_cmd(
     ),
     train_data: str | None = typer.Option(
         None, "--train-data",
-        help="VQA: training TASKDIR for the blind baselines (question-only prior, majority answer) [the run's --data].",
+        help=_literal("VQA: training TASKDIR for the blind baselines (question-only prior, majority answer) "
+                      "[default: the run's --data]."),
     ),
     vision_check: bool = typer.Option(
         True, "--vision-check/--no-vision-check",
@@ -582,15 +603,16 @@ def eval_cmd(
 
     from vilbert_core.evaluation.evaluator import run_eval
     from vilbert_core.evaluation.loading import EvalError
+    from vilbert_core.training.distributed import configure_threads
 
+    configure_threads(num_workers)
     try:
         record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
                           num_candidates=num_candidates, seed=seed, precision=precision,
                           num_workers=num_workers, max_images=max_images, progress=progress,
                           train_data=train_data, vision_check=vision_check)  # fmt: skip
     except (EvalError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+        _fail(err)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
     typer.echo(
         f"wrote {out}/metrics.json, {out}/report.md" + "".join(f", {out}/{f}" for f in record["files"])
@@ -659,6 +681,7 @@ def explain_cmd(
 # ---------------------------------------------------------------- demo (owner: README/demo)
 # COMMAND: demo
 _SAMPLE = Path(__file__).resolve().parent / "demo" / "sample"
+_DEMO_CONFIG = _SAMPLE.parent / "vilbert_demo_config.json"
 # Fast detector settings for the random-weight preview: a real R-101 at 600/1000 takes ~10 s per image on
 # two CPU cores, which would not fit the demo's few minutes; with --weights the original settings are used.
 _DEMO_FAST_DETECTOR = ["--depth", "50", "--min-size", "224", "--max-size", "320", "--max-proposals", "12"]
@@ -682,8 +705,9 @@ def _demo_steps(
     if _cpu_has_bf16():
         detector = [*detector, "--autocast", "bf16"]
     # A small config, not `tiny` (docs/training.md): 64 wide, initialised at 0.07 = 0.02 x sqrt(768 / 64) so its
-    # ReLU x ReLU fusion does not start in its flat saddle, no dropout for a short run on a small sample.
-    config = str(out / "model_config.json")  # written by `demo` from demo/vilbert_demo_config.json
+    # ReLU x ReLU fusion does not start in its flat saddle, no dropout for a short run on a small sample. It leaves
+    # v_feature_size out, so the model takes the features' size: res4 1024-d here, res5 2048-d with WEIGHTS.
+    config = str(_DEMO_CONFIG)
     train_common = ["--vocab", str(out / "vocab"), "--config", config, "--batch-size", "32", "--lr", "1e-3",
                     "--num-workers", "0"]
     return [
@@ -802,10 +826,6 @@ def demo(
         typer.secho("NOTE: no WEIGHTS given: the detector runs with RANDOM weights, so the region features are "
                     "meaningless and only the pipeline is being shown. Use `make demo WEIGHTS=path/to/ckpt`.",
                     fg=typer.colors.YELLOW, err=True)
-    # The model's input width follows the feature layer: res4 (the fast preview) 1024-d, res5 (with WEIGHTS) 2048-d.
-    model_config = json.loads((_SAMPLE.parent / "vilbert_demo_config.json").read_text())
-    model_config["v_feature_size"] = 2048 if weights else 1024
-    (out / "model_config.json").write_text(json.dumps(model_config, indent=2))
     exe = shutil.which("vilbert-data")
     base = [exe] if exe else [sys.executable, "-m", "cli"]
     t_start = time.time()

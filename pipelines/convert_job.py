@@ -44,7 +44,7 @@ from pipelines.feature_formats import FORMATS, FormatError, Part, RecordError, d
 from pipelines.folder_lock import FolderLock, FolderLockedError
 from pipelines.planner import ShardPlan, read_shard_stats, shard_name, split_done
 from pipelines.sources import SourceItem
-from pipelines.writers import DTYPES, atomic_write_json, remove_stale_temps
+from pipelines.writers import DTYPES, atomic_write_json, check_out_dir, make_out_dir, remove_stale_temps
 
 PROBE_RECORDS = 32  # records tried at planning time to learn the feature size
 LACKABLE = ("cls_prob", "objects", "attributes")
@@ -125,12 +125,10 @@ def run_convert(
     plans = [ShardPlan(i, shard_name(i), (part,)) for i, part in enumerate(parts)]
     spec = ConvertSpec(fmt, feature_dim, opts.feature_layer, opts.dtype, _recompute_spec(opts))
 
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    out_dir = check_out_dir(out)
     # --ray-address and --device cuda checked before Ray starts, as extract does (no GPU per worker here)
     check_machine(opts.ray_address, opts.device if opts.recompute_classes else "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     # one job per output folder, as extract: a second one would redo and race on the same shards
     try:
         with FolderLock(out_dir):

@@ -6,6 +6,9 @@
   (anything `webdataset.gopen` opens: local, http(s), `pipe:`);
 * shards are split by node (torch.distributed rank/world size, else RANK/WORLD_SIZE) and then by
   DataLoader worker: disjoint and, together, complete;
+* `even_split=True` (training under DDP) splits each epoch by records instead, from the shards'
+  parquet indexes: every rank reads the same number of records, each record once per epoch (a few
+  twice, as DistributedSampler pads), whatever the number and sizes of the shards;
 * for multi-rank runs, `resampled=True` draws shards with replacement and every rank yields exactly
   `steps` batches per epoch, so DDP ranks never wait on each other;
 * each image sample expands into the task's examples (a caption, a question, a sentence, two VCR
@@ -21,6 +24,7 @@ validation. A model that answers as well with another image's regions does not u
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import math
@@ -77,6 +81,34 @@ def expand_urls(urls_or_dir: str | Path | Sequence[str | Path]) -> tuple[list[st
     return urls, infos
 
 
+def check_task_source(source: str, flag: str) -> None:
+    """Say what --data / --val is when it is not task shards: missing, empty, a feature set, unfinished, a stray file."""
+    if "://" in source or source.startswith("pipe:") or "{" in source:
+        return  # URLs and brace patterns are checked when they are read
+    path = Path(source)
+    expected = "expected a TASKDIR written by `vilbert-data shard` (task.json + task-*.tar)"
+    if not path.exists():
+        raise ValueError(f"{flag} {source}: no such file or folder; {expected}")
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise ValueError(f"{flag} {source}: a file, not task shards; {expected} or task-*.tar files")
+        return
+    if (path / "task.json").is_file():
+        return
+    if (path / "dataset.json").is_file():
+        raise ValueError(
+            f"{flag} {source}: a feature set (dataset.json), not task shards; make them with "
+            f"`vilbert-data shard --features {source} --task ... --out TASKDIR`"
+        )
+    if any(path.glob("task-*.tar")):
+        raise ValueError(
+            f"{flag} {source}: task shards without task.json (written last): an unfinished `vilbert-data shard` "
+            "run; run it again"
+        )
+    what = "an empty folder" if not any(path.iterdir()) else "a folder without task.json"
+    raise ValueError(f"{flag} {source}: {what}; {expected}")
+
+
 def node_info() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -93,6 +125,38 @@ def worker_info() -> tuple[int, int]:
 def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, workers: int) -> list[str]:
     """Shards of one (rank, worker): by rank first, then by worker; disjoint and complete over all pairs."""
     return list(urls)[rank::world][worker::workers]
+
+
+def even_record_pieces(
+    shard_records: Sequence[int], rank: int, world: int, worker: int = 0, workers: int = 1
+) -> list[tuple[int, int, int]]:
+    """(shard index, first record, end record) pieces of one (rank, worker)'s equal share of an epoch.
+
+    Records are numbered in shard order. Each rank takes ceil(N / world) consecutive records, the last
+    ranks wrapping around to the first records when N does not divide (the padding DistributedSampler
+    does), so every record is read once (a few twice) and every rank reads as many; a rank's workers
+    then split its share into consecutive parts.
+    """
+    total = sum(shard_records)
+    if total == 0:
+        return []
+    per_rank = -(-total // world)
+    base, extra = divmod(per_rank, workers)
+    pos = rank * per_rank + worker * base + min(worker, extra)
+    remaining = base + (1 if worker < extra else 0)
+    starts = [0]
+    for n in shard_records[:-1]:
+        starts.append(starts[-1] + n)
+    pieces = []
+    while remaining > 0:
+        at = pos % total
+        shard = bisect.bisect_right(starts, at) - 1  # the last shard starting at or before `at` (skips empty ones)
+        lo = at - starts[shard]
+        hi = min(shard_records[shard], lo + remaining)
+        pieces.append((shard, lo, hi))
+        remaining -= hi - lo
+        pos += hi - lo
+    return pieces
 
 
 def batches_for_worker(steps: int, worker: int, workers: int) -> int:
@@ -354,6 +418,7 @@ class TaskDataset(IterableDataset):
         negative_buffer: int = 256,
         drop_last: bool = False,
         swap_images: bool = False,
+        even_split: bool = False,
     ) -> None:
         from pipelines.annotations.common import TASKS
 
@@ -393,6 +458,23 @@ class TaskDataset(IterableDataset):
         self.num_answers = num_answers
         if task == "vqa" and num_answers is None:
             self.num_answers = self._num_answers_from(infos)
+        # even_split (training under DDP): ranks split each epoch by records, using the shards' indexes
+        self.even_split = even_split and not resampled
+        self.shard_images = [self._indexed_images(u) for u in self.urls] if self.even_split else []
+
+    @staticmethod
+    def _indexed_images(url: str) -> list[tuple[str, int]]:
+        """(image id, records) of each sample of a task shard, in file order, from its parquet index."""
+        import pyarrow.parquet as pq
+
+        index = Path(url[: -len(".tar")] + ".parquet") if url.endswith(".tar") else None
+        if index is None or "://" in url or url.startswith("pipe:") or not index.is_file():
+            raise ValueError(
+                f"{url}: several processes split an epoch by the records of each shard, which its parquet index "
+                "(written by `vilbert-data shard`) counts; train on the TASKDIR, or draw shards with --resampled"
+            )
+        rows = pq.read_table(index, columns=["image_id", "num_records"]).to_pylist()
+        return [(r["image_id"], int(r["num_records"])) for r in rows]
 
     @staticmethod
     def _num_answers_from(infos: list[dict[str, Any]]) -> int:
@@ -439,6 +521,32 @@ class TaskDataset(IterableDataset):
             with wds.gopen(url, "rb") as stream:
                 yield from iter_tar_samples(stream, url)
 
+    def even_samples(
+        self, rank: int, world: int, worker: int, workers: int
+    ) -> Iterator[tuple[str, dict[str, bytes], tuple[int, int]]]:
+        """(key, members, (first, end) of its records) of this (rank, worker)'s equal share of the epoch.
+
+        The shards are taken in the epoch's shuffled order (the same on every rank); see even_record_pieces.
+        """
+        from pipelines.shard_job import iter_tar_samples
+
+        order = list(range(len(self.urls)))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        counts = [sum(n for _, n in self.shard_images[i]) for i in order]
+        for k, lo, hi in even_record_pieces(counts, rank, world, worker, workers):
+            wanted: dict[str, tuple[int, int]] = {}
+            start = 0
+            for image_id, n in self.shard_images[order[k]]:
+                a, b = max(lo, start), min(hi, start + n)
+                if a < b:
+                    wanted[image_id] = (a - start, b - start)
+                start += n
+            url = self.urls[order[k]]
+            with open(url, "rb") as stream:
+                for key, sample in iter_tar_samples(stream, url, keep=wanted.__contains__):
+                    if key in wanted:
+                        yield key, sample, wanted[key]
+
     # -- examples ----------------------------------------------------------------------
 
     def _check_dim(self, url_key: str, regions: Regions) -> None:
@@ -452,7 +560,7 @@ class TaskDataset(IterableDataset):
                 "feature sets of different layers (res4 1024-d, res5 2048-d) cannot be mixed"
             )
 
-    def examples(self, samples: Iterator[tuple[str, dict[str, bytes]]], rng: random.Random) -> Iterator[dict]:
+    def examples(self, samples: Iterator[tuple], rng: random.Random) -> Iterator[dict]:
         """Expand image samples into the task's examples (captions, questions, sentences, VCR stages)."""
         caption_pool: list[tuple[str, str]] = []  # (image id, caption) of recent images, for negatives
         image_pool: list[tuple[str, Regions]] = []
@@ -525,12 +633,15 @@ class TaskDataset(IterableDataset):
                         waiting.append(item)
                 deferred = waiting
 
-    def _decoded(self, samples: Iterator[tuple[str, dict[str, bytes]]]) -> Iterator[tuple[str, list[dict], Regions]]:
-        """(key, records, regions) of each image sample, its feature size checked."""
-        for key, sample in samples:
+    def _decoded(self, samples: Iterator[tuple]) -> Iterator[tuple[str, list[dict], Regions]]:
+        """(key, records, regions) of each (key, members[, (first, end) record range]) sample, D checked."""
+        for key, sample, *part in samples:
             regions = build_regions(sample, self.max_regions, with_gt=self.task == "vcr")
             self._check_dim(key, regions)
-            yield key, json.loads(sample["ann.json"]), regions
+            records = json.loads(sample["ann.json"])
+            if part:
+                records = records[part[0][0] : part[0][1]]
+            yield key, records, regions
 
     def _remember(self, pool: list, items: list, rng: random.Random) -> None:
         """Add items to a bounded pool, replacing random old entries once it is full."""
@@ -583,9 +694,11 @@ class TaskDataset(IterableDataset):
         rank, world = node_info()
         worker, workers = worker_info()
         rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}/examples")
-        stream = self.shuffled(
-            self.examples(self.samples(self.shard_stream(rank, world, worker, workers)), rng), rng
-        )
+        if self.even_split and world > 1:
+            samples: Iterator[tuple] = self.even_samples(rank, world, worker, workers)
+        else:
+            samples = self.samples(self.shard_stream(rank, world, worker, workers))
+        stream = self.shuffled(self.examples(samples, rng), rng)
         if self.batch_size is None:
             yield from stream
             return

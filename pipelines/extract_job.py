@@ -33,8 +33,10 @@ from pipelines.writers import (
     STATS_SUFFIX,
     DiskFullError,
     atomic_write_json,
+    check_out_dir,
     disk_full_error,
     is_disk_full,
+    make_out_dir,
     remove_stale_temps,
 )
 
@@ -169,17 +171,10 @@ def run_extract(
 
     opts = options or ExtractOptions()
     opts.validate()
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    out_dir = check_out_dir(out)
     items = list_sources(images, opts.limit)
     check_machine(opts.ray_address, opts.device, opts.gpus_per_worker)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
+    make_out_dir(out)
     plans = plan_shards(items, opts.shard_size)
     try:
         with FolderLock(out_dir):

@@ -40,7 +40,11 @@ from pipelines.vqa_answers import (
 from pipelines.writers import (
     atomic_write_json,
     atomic_write_table,
+    check_out_dir,
+    disk_full_error,
+    is_disk_full,
     load_npy,
+    make_out_dir,
     npy_bytes,
     publish,
     remove_stale_temps,
@@ -334,11 +338,48 @@ def join_annotations(
     return by_image, missing
 
 
+# Splits that `shard` can name for the tasks whose annotation files hold one split each (captions, vqa,
+# vcr): the name is only recorded, so a typo would pass unnoticed; refcoco and retrieval select by it.
+SPLIT_PREFIXES = ("train", "val", "test", "dev", "minival", "restval")
+VQA_ANSWERS_PER_QUESTION = 10  # VQA v2: ten human answers, which the official accuracy's average assumes
+
+
+def check_split_name(task: str, split: str) -> None:
+    """Refuse a --split name that is no split (a typo) for tasks that only record it."""
+    if task in ("refcoco", "retrieval"):
+        return  # their readers select records by the split and say which splits exist
+    if not split.lower().startswith(SPLIT_PREFIXES):
+        raise ShardError(
+            f"--split {split!r} is not a split name: {task} takes one starting with "
+            f"{', '.join(SPLIT_PREFIXES)} (e.g. train, val2014, test-dev)"
+        )
+
+
+def read_answers_option(answers: str | Path) -> list[str]:
+    """The answer list given with --answers, or a ShardError naming the option."""
+    try:
+        return load_answer_vocab(answers)
+    except ValueError as err:
+        raise ShardError(f"--answers {err}") from None
+
+
+def answer_count_report(anns: Sequence[Annotation]) -> list[dict[str, Any]]:
+    """Questions whose annotation has other than ten answers (questions without annotations are left out)."""
+    return [
+        {"question_id": a.record["question_id"], "answers": len(a.record["answers"])}
+        for a in anns
+        if a.extra.get("annotated", True) and len(a.record["answers"]) != VQA_ANSWERS_PER_QUESTION
+    ]
+
+
 def attach_vqa_targets(
-    anns: Sequence[Annotation], answers: str | Path | None, min_count: int, split: str
+    anns: Sequence[Annotation], answers: str | Path | Sequence[str] | None, min_count: int, split: str
 ) -> list[str]:
-    """Load (or build from these annotations) the answer vocabulary and add labels/scores to every record."""
-    vocab = load_answer_vocab(answers) if answers else None
+    """Load (or build from these annotations) the answer vocabulary and add labels/scores to every record.
+
+    answers: an answers.json path, or the answer list itself.
+    """
+    vocab = (load_answer_vocab(answers) if isinstance(answers, str | Path) else list(answers)) if answers else None
     if vocab is None:
         if not split.startswith("train"):
             log.warning(
@@ -387,11 +428,35 @@ def run_shard(
         raise ShardError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
+    check_split_name(task, split)
+    try:
+        check_out_dir(out)
+    except ValueError as err:
+        raise ShardError(str(err)) from None
+    answer_list = read_answers_option(answers) if (task == "vqa" and answers) else None
     fs = open_feature_set(features)
     _refuse_what_the_features_lack(fs, task)
     anns = read_task_annotations(task, annotations, split, images_dir=images)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = make_out_dir(out)
+    except ValueError as err:
+        raise ShardError(str(err)) from None
+    try:
+        return _write_task_dir(fs, task, anns, annotations, split, out, shard_size, answer_list, min_answer_count,
+                               weights, device, detector_config, progress)  # fmt: skip
+    except OSError as err:
+        if is_disk_full(err):
+            remove_stale_temps(out)  # the shard being written: its space back now, not at the rerun
+            raise ShardError(f"{disk_full_error(out, 'the task shards')}; free space and rerun the same command") from None
+        raise ShardError(f"{err.filename or out}: {err.strerror or err}") from None
+
+
+def _write_task_dir(
+    fs: FeatureSet, task: str, anns: list[Annotation], annotations: Sequence[str | Path], split: str, out: Path,
+    shard_size: int, answers: list[str] | None, min_answer_count: int, weights: str | Path | None, device: str,
+    detector_config: Any, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The body of run_shard once its inputs are checked: write the shards, the report and task.json."""
     for stale in [out / "task.json", out / STATS_FILE, *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
         stale.unlink(missing_ok=True)  # a previous run: task.json first, so the folder reads as incomplete
     remove_stale_temps(out)  # half-written shards of a killed run
@@ -399,11 +464,12 @@ def run_shard(
     report.mkdir(exist_ok=True)
 
     by_image, missing = join_annotations(anns, ImageMatcher(fs.images))
-    answer_file, vocab = None, None
+    answer_file, vocab, odd_answers = None, None, []
     if task == "vqa":
         vocab = attach_vqa_targets(anns, answers, min_answer_count, split)
         answer_file = "answers.json"
         save_answer_vocab(vocab, out / answer_file)
+        odd_answers = answer_count_report(anns)
 
     given_boxes = None
     if task == "vcr":
@@ -452,6 +518,18 @@ def run_shard(
     _write_jsonl(report / "missing_images.jsonl", missing)
     (report / "images_without_annotations.txt").write_text("".join(f"{k}\n" for k in without_annotations))
     _write_jsonl(report / "failures.jsonl", failures)
+    warnings = []
+    if task == "vqa":
+        _write_jsonl(report / "answer_counts.jsonl", odd_answers)
+    if odd_answers:
+        first = odd_answers[0]
+        warnings.append(
+            f"{len(odd_answers)} question(s) have other than the {VQA_ANSWERS_PER_QUESTION} answers of VQA v2 "
+            f"(first: question_id {first['question_id']} with {first['answers']}); the official accuracy averages "
+            f"over leave-one-out subsets of {VQA_ANSWERS_PER_QUESTION - 1}, so their scores are not comparable "
+            f"(list: {report / 'answer_counts.jsonl'})"
+        )
+        log.warning("%s", warnings[-1])
     reasons: dict[str, int] = {}
     for m in missing:
         reasons[m["reason"]] = reasons.get(m["reason"], 0) + 1
@@ -468,6 +546,7 @@ def run_shard(
             "missing_by_reason": reasons,
             "images_without_annotations": len(without_annotations),
             "failed": len(failures),
+            **({"questions_without_10_answers": len(odd_answers)} if task == "vqa" else {}),
         },
         "features": {
             "path": str(fs.root.resolve()),
@@ -483,6 +562,7 @@ def run_shard(
         "num_answers": len(vocab) if vocab is not None else None,
         "annotation_files": [str(Path(a)) for a in annotations],
         "shards": writer.shards,
+        "warnings": warnings,
     }
     atomic_write_json(out / "task.json", task_info, sort_keys=False)
     return task_info

@@ -164,8 +164,12 @@ def load_answer_vocab(path: str | Path) -> list[str]:
     """Read an answer list written by `save_answer_vocab`; fails clearly on anything else."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the answer vocabulary: {exc}") from exc
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such answer list (the answers.json of the training TASKDIR)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON, cut short or damaged ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the answer vocabulary ({exc})") from None
     if not isinstance(data, list) or not all(isinstance(a, str) for a in data):
         raise ValueError(f"{path}: answer vocabulary must be a JSON list of strings")
     return data

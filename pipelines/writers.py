@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import uuid
@@ -45,9 +46,15 @@ class DiskFullError(RuntimeError):
     """The output folder's filesystem is full or over quota (the message names the folder and its free space)."""
 
 
+# how libraries written in Rust (safetensors) report an OS error: "... No space left on device (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def is_disk_full(err: BaseException) -> bool:
-    """True for the OSErrors of a full disk or an exhausted quota."""
-    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+    """True for the errors of a full disk or an exhausted quota (OSError, or a library's error quoting one)."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FULL_ERRNOS
+    return any(int(code) in DISK_FULL_ERRNOS for code in _RUST_OS_ERROR.findall(str(err)))
 
 
 def disk_full_error(folder: str | Path, what: str) -> DiskFullError:
@@ -57,6 +64,26 @@ def disk_full_error(folder: str | Path, what: str) -> DiskFullError:
     except OSError:
         free = "free space unknown"
     return DiskFullError(f"no space left on the device of {folder} ({free}) while writing {what}")
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """`out` as a Path; a ValueError naming `flag` when it exists and is not a folder."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {out}: exists and is not a folder")
+    return path
+
+
+def make_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Create the output folder (and its parents); a one-line ValueError naming `flag` when that fails."""
+    path = check_out_dir(out, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: the folder is not writable")
+    return path
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

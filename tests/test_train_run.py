@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_fixtures import make_image, write_feature_set, write_vocab
+from train_fixtures import DIM, build_train_data
 
-from pipelines.shard_job import run_shard
 from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.training.distributed import DistContext
 from vilbert_core.training.metrics_log import read_metrics
@@ -24,73 +23,13 @@ from vilbert_core.training.trainer import (
     run_train,
 )
 
-WORDS = [
-    "a",
-    "dog",
-    "runs",
-    "brown",
-    "two",
-    "cats",
-    "sit",
-    "red",
-    "car",
-    "on",
-    "the",
-    "road",
-    "what",
-    "color",
-    "is",
-]
-SRC = "train2014/COCO_train2014_{:012d}.jpg"
-DIM = 16
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Captions and VQA task shards over 8 images with 16-d features, and a vocab.txt."""
-    root = tmp_path_factory.mktemp("train_data")
-    images = [make_image(f"img{i}", SRC.format(i), k=4 + i % 3, dim=DIM, seed=i) for i in range(8)]
-    feats = write_feature_set(root / "feats", images, per_shard=4)
-    files = {i: SRC.format(i) for i in range(8)}
-    phrases = ["a dog runs", "two cats sit", "a red car", "the brown dog", "a car on the road", "red cats"]
-    caps = [(i, phrases[(i + j) % len(phrases)]) for i in range(8) for j in range(2)]
-    coco = root / "captions.json"
-    coco.write_text(
-        json.dumps(
-            {
-                "images": [{"id": i, "file_name": f} for i, f in files.items()],
-                "annotations": [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(caps)],
-            }
-        )
-    )
-    captions = root / "captions_train"
-    run_shard(feats, "captions", [coco], "train", captions, shard_size=2, progress=False)
-    # VQA v2 layout: questions + annotations with ten answers each
-    qs = [
-        (100 + n, i, q, a)
-        for n, (i, q, a) in enumerate(
-            [
-                (i, q, a)
-                for i in range(1, 8)
-                for q, a in (("what color is the car", "red"), ("is it a dog", "yes"))
-            ]
-        )
-    ]
-    questions = {"questions": [{"question_id": q, "image_id": i, "question": t} for q, i, t, _ in qs]}
-    anns = {"annotations": [
-        {"question_id": q, "image_id": i, "question_type": "what", "answer_type": "other", "multiple_choice_answer": a,
-         "answers": [{"answer": a if k < 8 else "blue", "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]}
-        for q, i, _, a in qs]}  # fmt: skip
-    (root / "q.json").write_text(json.dumps(questions))
-    (root / "a.json").write_text(json.dumps(anns))
-    vqa = root / "vqa_train"
-    run_shard(feats, "vqa", [root / "q.json", root / "a.json"], "train", vqa, shard_size=3, min_answer_count=1,
-              progress=False)  # fmt: skip
-    vocab = write_vocab(root / "vocab.txt", WORDS)
-    return {"feats": feats, "captions": captions, "vqa": vqa, "vocab": vocab, "root": root}
+    return build_train_data(tmp_path_factory.mktemp("train_data"))
 
 
 def _args(files: dict[str, Path], out: Path, **kw) -> TrainArgs:
@@ -126,6 +65,7 @@ def test_run_folder_layout_logs_and_best(tmp_path, data):
     assert targs["task"] == "pretrain" and targs["config_name"] == "tiny"
     assert targs["vocab"] == str(data["vocab"].resolve()) and targs["max_text_len"] == 36
     assert targs["max_regions"] == 36 and targs["num_answers"] is None and "answers_file" in targs
+    assert targs["threads"] == torch.get_num_threads() == 1  # the one_thread fixture: kept, never raised
 
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r.get("split", "train") == "train"]
@@ -237,6 +177,11 @@ def test_clear_errors(tmp_path, data):
     )
     with pytest.raises(TrainingError, match=f"vocabulary of 999 tokens.*has {vocab_size}"):
         run_train(_args(data, tmp_path / "c", init_from=str(ckpt)))
+    # a pretraining checkpoint whose region head predicts other classes than the detector's 1601
+    ckpt = tmp_path / "ckpt_classes"
+    ViLBERTForPretraining(ViLBERTConfig.preset("tiny", vocab_size=vocab_size, v_feature_size=DIM)).save_pretrained(ckpt)
+    with pytest.raises(TrainingError, match="predicts 11 region classes.*1601"):
+        run_train(_args(data, tmp_path / "c2", init_from=str(ckpt)))
     # an empty data source
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -326,3 +271,50 @@ def test_cuda_run_resumes_near_an_uninterrupted_one_and_loads_on_the_cpu(tmp_pat
         assert math.isfinite(ra["loss"]) and rb["loss"] == pytest.approx(ra["loss"], rel=5e-2), ra["step"]
     model = ViLBERTForPretraining.from_pretrained(tmp_path / "resumed")
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_args_record_the_config_that_was_used(tmp_path, data):
+    vocab_size = len(data["vocab"].read_text().split())
+    pre = tmp_path / "pretrained"
+    cfg = ViLBERTConfig.preset("tiny", vocab_size=vocab_size, v_feature_size=DIM, v_target_size=1601)
+    ViLBERTForPretraining(cfg).save_pretrained(pre)
+    # --config keeps its default (vilbert-base), which a run started from a checkpoint does not use
+    run_train(_args(data, tmp_path / "run", config="vilbert-base", init_from=str(pre), steps=2))
+    targs = json.loads((tmp_path / "run" / "train_args.json").read_text())
+    assert targs["config"] == targs["config_name"] == str((pre / "config.json").resolve())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_size"] == 32  # tiny, not base
+    # resuming it (again without --config) keeps that record
+    run_train(_args(data, tmp_path / "run", config="vilbert-base", init_from=str(pre), steps=3, resume=True))
+    assert json.loads((tmp_path / "run" / "train_args.json").read_text())["config"] == targs["config"]
+
+
+def test_the_shipped_demo_config_takes_the_feature_size_of_the_data(tmp_path, data):
+    shipped = Path(__file__).resolve().parents[1] / "demo" / "vilbert_demo_config.json"
+    assert "v_feature_size" not in json.loads(shipped.read_text())
+    run_train(_args(data, tmp_path / "run", config=str(shipped), steps=1))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["v_feature_size"], cfg["hidden_size"], cfg["initializer_range"]) == (DIM, 64, 0.07)
+    # a config file that names another size: the error says which number to change, not to re-extract
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps({**json.loads(shipped.read_text()), "v_feature_size": 2048}))
+    with pytest.raises(TrainingError, match=r'16-d.*v_feature_size=2048.*"v_feature_size": 16') as err:
+        run_train(_args(data, tmp_path / "bad", config=str(pinned), steps=1))
+    assert "--feature-layer" not in str(err.value)
+
+
+def test_resume_clears_the_temp_folders_of_dead_writers_only(tmp_path, data):
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    run_train(_args(data, out, steps=2, checkpoint_every=2))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a writer that was killed: its process is gone
+    stale = [out / "checkpoints" / f".step-9.tmp-{dead.pid}", out / f".best.tmp-{dead.pid}"]
+    live = out / "checkpoints" / f".step-8.tmp-{os.getppid()}"  # a writer still running (this test's parent)
+    for folder in (*stale, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    run_train(_args(data, out, steps=3, checkpoint_every=2, resume=True))
+    assert [p.exists() for p in stale] == [False, False] and live.is_dir()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [live.name, "step-2", "step-3"]

@@ -572,10 +572,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"checkpoint {path} could not be read as safetensors: {err}") from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler's message names the offending global; keep it
-        raise ValueError(f"checkpoint {path} could not be read as a plain torch state dict: {err}") from err
+    from .torch_files import load_torch_file
+
+    state = load_torch_file(path)  # one-line ValueError naming the file and, for a malicious pickle, its call
     # some training scripts wrap the state dict; unwrap the common containers
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

@@ -49,5 +49,6 @@ def read_vqa(paths: Sequence[Path]) -> list[Annotation]:
         if a and "multiple_choice_answer" in a:
             record["multiple_choice_answer"] = a["multiple_choice_answer"]
         image_id = q["image_id"]
-        out.append(Annotation(ImageRef(numeric_id=int(image_id)), record))
+        # "annotated": the question has human answers to check (a test split's questions file has none)
+        out.append(Annotation(ImageRef(numeric_id=int(image_id)), record, extra={"annotated": a is not None}))
     return out

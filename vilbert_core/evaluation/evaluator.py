@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.writers import atomic_write_json
+from pipelines.writers import atomic_write_json, check_out_dir, make_out_dir
 from vilbert_core.training.trainer import SHARD_TASK  # the shard task each task reads
 
 from .baselines import QuestionPrior, iter_task_records, refcoco_chance, retrieval_chance, vcr_chance
@@ -60,12 +60,19 @@ ALIGNMENT_MARGIN = 5.0
 # ---------------------------------------------------------------------------------------------- helpers
 def read_task_info(data_dir: Path) -> dict[str, Any]:
     """task.json of a TASKDIR, with a clear error when it is missing."""
+    from pipelines.datasets import check_task_source
+
     info_path = data_dir / "task.json"
     if not info_path.is_file():
-        raise EvalError(
-            f"--data {data_dir}: no task.json; is this a TASKDIR written by `vilbert-data shard`?"
-        )
-    return json.loads(info_path.read_text(encoding="utf-8"))
+        try:  # say what is there instead: nothing, a feature set, an unfinished shard run
+            check_task_source(str(data_dir), "--data")
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+        raise EvalError(f"--data {data_dir}: no task.json; is this a TASKDIR written by `vilbert-data shard`?")
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalError(f"{info_path}: not valid JSON ({err}); rerun `vilbert-data shard` for this folder") from None
 
 
 def _split_name(info: dict[str, Any], data_dir: Path, taken: set[str]) -> str:
@@ -748,6 +755,7 @@ def run_eval(
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
     if precision not in ("fp32", "bf16"):
         raise EvalError(f"--precision must be fp32 or bf16, got {precision!r}")
+    check_out_dir(out)  # before the model is loaded
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -757,8 +765,7 @@ def run_eval(
     if task == "retrieval" and loaded.kind == "pretraining":
         logger.info("pretraining model: zero-shot retrieval through the alignment head")
     data_dirs = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(out)
     prior = fit_question_prior(train_data or loaded.train_data) if task == "vqa" else None
 
     results: dict[str, dict] = {}

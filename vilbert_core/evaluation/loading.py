@@ -100,9 +100,10 @@ def detect_kind(weights: Path, train_task: str | None) -> str:
     if train_task is not None:
         return "pretraining" if train_task in ("pretrain", "captions") else "tasks"
     from vilbert_core.convert import reference_to_project
+    from vilbert_core.torch_files import load_torch_file
 
     # a reference checkpoint: mmap keeps the peek at its key names cheap
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = load_torch_file(file, mmap=True)
     heads = {(reference_to_project(k)[0] or "").split(".", 1)[0] for k in state}
     return "tasks" if heads & {"vqa_head", "pair_head", "region_head"} else "pretraining"
 
@@ -136,6 +137,8 @@ def load_model(
         kind = kind or detect_kind(weights, train_task)
     except SafetensorError as err:  # a truncated or foreign file: a message, not a traceback
         raise EvalError(f"--model {path}: cannot read the weights: {err}") from None
+    except ValueError as err:  # a refused (malicious) or unreadable pickle; the message names the file
+        raise EvalError(f"--model {path}: {err}") from None
     if kind not in KINDS:
         raise EvalError(f"model kind must be one of {KINDS}, got {kind!r}")
 

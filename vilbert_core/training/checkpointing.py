@@ -8,6 +8,7 @@ run never leaves a half-written `step-N`. Loading uses torch.load(weights_only=T
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -22,6 +23,8 @@ from torch import nn
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_DIR = re.compile(r"^\..+\.tmp-(\d+)$")  # replace_folder's `.NAME.tmp-PID`
+_FULL_DISK_BYTES = 1 << 20  # free space below which a failed torch.save is taken for a full disk
 
 
 def capture_rng_state(extra_generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def save_checkpoint(
     def fill(folder: Path) -> None:
         """The model, then the trainer state whose presence marks the checkpoint complete."""
         unwrap(model).save_pretrained(folder)
-        torch.save(trainer_state, folder / STATE_FILE)
+        _torch_save(trainer_state, folder / STATE_FILE)
 
     final = replace_folder(ckpt_root / f"step-{step}", fill)
     if keep > 0:
@@ -102,13 +105,65 @@ def replace_folder(final: Path, fill: Callable[[Path], None]) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back; nothing half-written stays
+        raise
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is.
+
+    torch's zip writer turns a failed write into "RuntimeError: ... unexpected pos N vs M"; a folder
+    with (almost) no space left right after such a failure is what a full disk looks like.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            raise err from None
+        if free < _FULL_DISK_BYTES:
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {path}", str(path)) from err
+        raise
+
+
+def remove_dead_writers_temps(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.tmp-PID` folders of writers that are no longer running (killed runs); returns them.
+
+    A folder whose PID still runs on this machine is another process's write in progress and is kept.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TEMP_DIR.match(path.name)
+        if m and path.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
@@ -135,7 +190,9 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a training checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from vilbert_core.torch_files import load_torch_file
+
+    return load_torch_file(path)
 
 
 def _fsync_dir(path: Path) -> None:

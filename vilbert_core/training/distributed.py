@@ -54,6 +54,37 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return ctx
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroups cpusets, Slurm)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(num_workers: int, cores: int | None = None, local_processes: int | None = None) -> int:
+    """Intra-op threads that, beside `num_workers` DataLoader processes, do not oversubscribe this process's cores.
+
+    The cores are shared by the training processes of this node (torchrun's LOCAL_WORLD_SIZE); each
+    DataLoader worker keeps one busy. Oversubscribed, every parallel region waits for a descheduled thread.
+    """
+    cores = usable_cores() if cores is None else cores
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_processes is None else local_processes
+    return max(1, cores // max(1, local) - num_workers)
+
+
+def configure_threads(num_workers: int, requested: int | None = None) -> int:
+    """Set torch's intra-op threads and return the number: `requested`, else OMP_NUM_THREADS, else the budget.
+
+    Without either knob the current setting is only ever lowered, to thread_budget(num_workers).
+    """
+    if requested is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()  # torch read OMP_NUM_THREADS at start-up
+    n = requested if requested is not None else min(torch.get_num_threads(), thread_budget(num_workers))
+    torch.set_num_threads(n)
+    return n
+
+
 def teardown_distributed(ctx: DistContext) -> None:
     """Leave the process group if setup_distributed() created it."""
     if ctx.initialised_here and dist.is_initialized():

@@ -70,42 +70,64 @@ def truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+# fields of a validation record that are not scores to draw
+_VAL_BOOKKEEPING = ("step", "epoch", "samples", "split")
+
+
+def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the records holding a finite number under `key`."""
+    return [
+        (r["step"], float(r[key]))
+        for r in records
+        if isinstance(r.get(key), int | float) and not isinstance(r[key], bool) and math.isfinite(r[key])
+    ]
+
+
+def curve_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What curves.png draws: panel -> {curve label: [(step, value)]}.
+
+    Panels: "loss" (every training loss component, and validation losses as "val <name>"),
+    "validation" (every other number a validation record holds: the task score, its score with
+    shuffled images, vision_gap, ...), "learning rate" and "gradient norm". Empty curves are left out.
+    """
+    train = [r for r in records if r.get("split", "train") == "train" and "step" in r]
+    val = [r for r in records if r.get("split") == "val" and "step" in r]
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {
+        "loss": {}, "validation": {}, "learning rate": {}, "gradient norm": {},
+    }  # fmt: skip
+    for key in sorted({k for r in train for k in r if k == "loss" or k.startswith("loss_")}):
+        panels["loss"][key] = _points(train, key)
+    for key in sorted({k for r in val for k in r if k not in _VAL_BOOKKEEPING}):
+        panel, label = ("loss", f"val {key}") if key.startswith("loss") else ("validation", key)
+        panels[panel][label] = _points(val, key)
+    panels["learning rate"]["lr"] = _points(train, "lr")
+    panels["gradient norm"]["grad_norm"] = _points(train, "grad_norm")
+    return {name: {k: v for k, v in curves.items() if v} for name, curves in panels.items()}
+
+
 def plot_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
-    """Draw the training losses (each component) and the learning rate against the step into a PNG."""
+    """Draw curve_series(metrics.jsonl) into a PNG: one panel each for losses, validation, learning rate, grad norm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [r for r in records if r.get("split", "train") == "train"]
-    val = [r for r in records if r.get("split") == "val"]
-    loss_keys = sorted({k for r in train for k in r if k == "loss" or k.startswith("loss_")})
-
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for key in loss_keys:
-        pts = [
-            (r["step"], r[key])
-            for r in train
-            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-        ]
-        if pts:
-            ax_loss.plot(*zip(*pts, strict=True), label=key, linewidth=1.2 if key == "loss" else 0.8)
-    for key in sorted({k for r in val for k in r if k.startswith("loss")}):
-        pts = [(r["step"], r[key]) for r in val if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax_loss.plot(*zip(*pts, strict=True), "o--", label=f"val {key}")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("training loss")
-    if loss_keys:
-        ax_loss.legend(fontsize=8)
-    ax_loss.grid(alpha=0.3)
-    lr_pts = [(r["step"], r["lr"]) for r in train if "lr" in r]
-    if lr_pts:
-        ax_lr.plot(*zip(*lr_pts, strict=True), color="tab:orange")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
+    panels = curve_series(read_metrics(metrics_path))
+    # the validation panel only when the run validated; the others always, so the layout stays familiar
+    names = [n for n in panels if panels[n] or n != "validation"]
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.6 * len(names) + 0.6), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        for label, pts in panels[name].items():
+            val_point = name == "validation" or label.startswith("val ")
+            width = 1.2 if label in ("loss", "lr", "grad_norm") else 0.8
+            ax.plot(*zip(*pts, strict=True), "o--" if val_point else "-", label=label, linewidth=width)
+        ax.set_ylabel(name)
+        if name == "loss":
+            ax.set_title("training run")
+        if panels[name]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.stem + ".tmp.png")

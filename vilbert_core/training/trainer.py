@@ -28,15 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from pipelines.datasets import SWAP_TASKS
-from pipelines.writers import atomic_write_json
+from pipelines.datasets import NUM_CLASSES, SWAP_TASKS, check_task_source
+from pipelines.writers import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
 
 from .checkpointing import (
     capture_rng_state,
     latest_checkpoint,
     load_trainer_state,
+    remove_dead_writers_temps,
     replace_folder,
     restore_rng_state,
     save_checkpoint,
@@ -48,6 +50,7 @@ from .distributed import (
     all_reduce_min,
     all_reduce_sum,
     barrier,
+    configure_threads,
     gather_objects,
     setup_distributed,
     teardown_distributed,
@@ -132,11 +135,40 @@ class TrainArgs:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = True
+    threads: int | None = None  # torch intra-op threads; None: OMP_NUM_THREADS, else what the cores allow
+
+    def check_numbers(self) -> None:
+        """Refuse numeric options that would train nonsense (a zero batch, negative steps) instead of using them."""
+        rules = [  # (option, value, allowed, what it must be); None means "the default"
+            ("--batch-size", self.batch_size, lambda v: v >= 1, "at least 1"),
+            ("--grad-accum", self.grad_accum, lambda v: v >= 1, "at least 1"),
+            ("--steps", self.steps, lambda v: v >= 1, "at least 1"),
+            ("--epochs", self.epochs, lambda v: v > 0, "above 0"),
+            ("--lr", self.lr, lambda v: v > 0, "above 0"),
+            ("--bert-lr-mult", self.bert_lr_mult, lambda v: v >= 0, "0 or more"),
+            ("--weight-decay", self.weight_decay, lambda v: v >= 0, "0 or more"),
+            ("--warmup", self.warmup, lambda v: v >= 0, "0 or more"),
+            ("--max-text-len", self.max_text_len, lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
+            ("--max-regions", self.max_regions, lambda v: v >= 1, "at least 1"),
+            ("--clip-grad", self.clip_grad, lambda v: v > 0, "above 0"),
+            ("--num-workers", self.num_workers, lambda v: v >= 0, "0 or more"),
+            ("--shuffle-buffer", self.shuffle_buffer, lambda v: v >= 0, "0 or more"),
+            ("--checkpoint-every", self.checkpoint_every, lambda v: v >= 1, "at least 1"),
+            ("--keep-checkpoints", self.keep_checkpoints, lambda v: v >= 0, "0 (keep all) or more"),
+            ("--eval-every", self.eval_every, lambda v: v >= 1, "at least 1"),
+            ("--log-every", self.log_every, lambda v: v >= 1, "at least 1"),
+            ("--threads", self.threads, lambda v: v >= 1, "at least 1"),
+        ]
+        for option, value, allowed, must in rules:
+            # NaN fails every comparison, so it is refused too
+            if value is not None and not allowed(value):
+                raise TrainingError(f"{option} must be {must}, got {value}")
 
     def resolved(self) -> TrainArgs:
         """A copy with the task defaults filled in, checked for consistency."""
         if self.task not in TASKS:
             raise TrainingError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        self.check_numbers()
         d = TASK_DEFAULTS[self.task]
         out = dataclasses.replace(
             self,
@@ -148,8 +180,6 @@ class TrainArgs:
             raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
         if out.precision not in (None, "fp32", "bf16", "fp16"):
             raise TrainingError(f"--precision {out.precision!r} must be fp32, bf16 or fp16")
-        if out.grad_accum < 1 or out.batch_size < 1:
-            raise TrainingError("--batch-size and --grad-accum must be at least 1")
         if out.vocab is None:
             raise TrainingError("--vocab is required: a vocab.txt or a Hugging Face tokenizer folder")
         return out
@@ -161,7 +191,15 @@ def read_task_json(data: str) -> dict[str, Any] | None:
     path = Path(data)
     # a shard URL pattern (task-{000000..000009}.tar) names files in the folder that holds task.json
     path = path / "task.json" if path.is_dir() else Path(data.split("{")[0]).parent / "task.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TrainingError(f"{path}: not valid JSON ({err}); rerun `vilbert-data shard` for this folder") from None
+    if not isinstance(info, dict):
+        raise TrainingError(f"{path}: not a task.json written by `vilbert-data shard` (not a JSON object)")
+    return info
 
 
 def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
@@ -200,13 +238,16 @@ def default_loader_factory(
 ) -> LoaderFactory:  # fmt: skip
     """Loaders over task shards (pipelines.datasets), split by rank and worker, reshuffled per epoch.
 
-    With `resampled` (multi-rank runs), each rank draws shards with replacement and yields exactly
-    steps_per_epoch x grad_accum batches per epoch. swap_images (validation): every image's examples
-    get another image's regions, to measure how much the model uses the image.
+    Training under DDP splits each epoch by records (every record once, equal counts per rank, the last
+    steps padded by repetition); with `resampled`, each rank draws shards with replacement and yields
+    exactly steps_per_epoch x grad_accum batches per epoch. Validation splits by shards (each record
+    scored once, no padding). swap_images (validation): every image's examples get another image's
+    regions, to measure how much the model uses the image.
     """
     from pipelines.datasets import make_loader
 
     resampled = train and args.resampled and steps_per_epoch is not None
+    even_split = train and ctx.distributed and not resampled
 
     def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
         """A DataLoader over `source` for one epoch, `batch_size` samples per batch on this rank."""
@@ -224,6 +265,7 @@ def default_loader_factory(
                 steps=steps_per_epoch * args.grad_accum if resampled else None,
                 num_workers=args.num_workers,
                 swap_images=swap_images,
+                even_split=even_split,
             )
         except (FileNotFoundError, ValueError) as err:
             raise TrainingError(f"{source}: {err}") from None
@@ -304,8 +346,15 @@ def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) ->
         return cfg
     if not Path(args.config).is_file():
         raise TrainingError(f"--config {args.config!r} is neither a preset (vilbert-base, tiny) nor a file")
-    cfg = ViLBERTConfig.from_json_file(args.config)
+    try:
+        given = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        cfg = ViLBERTConfig.from_json_file(args.config)
+    except (ValueError, TypeError) as err:
+        raise TrainingError(f"--config {args.config}: not a ViLBERT config.json ({err})") from None
     cfg.vocab_size = vocab_size
+    # a file that leaves the region feature size out (demo/vilbert_demo_config.json) takes the data's, as presets do
+    if feature_dim is not None and "v_feature_size" not in given:
+        cfg.v_feature_size = feature_dim
     return cfg
 
 
@@ -317,11 +366,14 @@ def check_model_matches(cfg: Any, vocab_size: int, feature_dim: int | None, wher
             f"{vocab_size}: pass the vocabulary the checkpoint was trained with"
         )
     if feature_dim is not None and cfg.v_feature_size != feature_dim:
-        hint = (
-            " Released ViLBERT checkpoints expect 2048-d res5 features: extract with --feature-layer res5."
-            if cfg.v_feature_size == 2048
-            else ""
-        )
+        if where.startswith("--config"):  # a fresh model: the file's number is what to change, not the features
+            hint = (
+                f" Set \"v_feature_size\": {feature_dim} in that file, or leave it out to follow the data."
+            )
+        elif cfg.v_feature_size == 2048:
+            hint = " Released ViLBERT checkpoints expect 2048-d res5 features: extract with --feature-layer res5."
+        else:
+            hint = ""
         raise TrainingError(
             f"the region features are {feature_dim}-d but {where} expects v_feature_size="
             f"{cfg.v_feature_size}.{hint}"
@@ -350,8 +402,17 @@ def build_model(
     bert_names: set[str] = set()
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     if source is not None:
-        model = cls.from_pretrained(str(source), **kwargs)
+        try:
+            model = cls.from_pretrained(str(source), **kwargs)
+        except (ValueError, FileNotFoundError) as err:  # a refused pickle, missing or mis-shaped tensors
+            raise TrainingError(f"{'--resume' if resume_dir else '--init-from'} {source}: {err}") from None
         check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
+        if args.task == "pretrain" and model.config.v_target_size != NUM_CLASSES:
+            # masked region modelling predicts the detector's class distribution over its 1601 classes
+            raise TrainingError(
+                f"the checkpoint {source} predicts {model.config.v_target_size} region classes but the "
+                f"features' class distributions have {NUM_CLASSES} (v_target_size)"
+            )
         norm = model.config.v_feature_norm
         if args.feature_norm is not None and args.feature_norm != norm:
             raise TrainingError(
@@ -516,6 +577,14 @@ def run_train(
     ctx = setup_distributed(args.device)
     try:
         return _train(args, ctx, loader_factory)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        ckpt = latest_checkpoint(Path(args.out) / "checkpoints")
+        raise TrainingError(
+            f"{disk_full_error(args.out, 'the run folder')}; free space and continue with --resume"
+            + (f" (from {ckpt})" if ckpt else "")
+        ) from None
     finally:
         teardown_distributed(ctx)
 
@@ -524,10 +593,22 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     """The body of run_train once the process group is up."""
     run_dir = Path(args.out)
     ckpt_root = run_dir / "checkpoints"
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if ctx.is_main:
+            make_out_dir(run_dir)
+        else:
+            check_out_dir(run_dir)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    threads = configure_threads(args.num_workers, args.threads)
 
-    # -- data: task check, vocabulary, answers, feature size
+    # -- data: what the sources are, task check, vocabulary, answers, feature size
+    try:
+        check_task_source(args.data, "--data")
+        if args.val:
+            check_task_source(args.val, "--val")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
     info = read_task_json(args.data)
     check_task_json(info, args.task, args.data)
     if args.val:
@@ -571,10 +652,17 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     warmup_steps = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
 
     # -- resume point
+    if args.resume and ctx.is_main:
+        # checkpoint and best/ folders that killed runs were writing: nobody will finish them
+        for folder in (ckpt_root, run_dir):
+            remove_dead_writers_temps(folder)
     resume_dir = latest_checkpoint(ckpt_root) if args.resume else None
     if args.resume and resume_dir is None and ctx.is_main:
         print(f"--resume: no checkpoint under {ckpt_root}; starting from scratch")
-    state = load_trainer_state(resume_dir) if resume_dir else None
+    try:
+        state = load_trainer_state(resume_dir) if resume_dir else None
+    except ValueError as err:  # a refused (malicious) or damaged trainer_state.pt, named in the message
+        raise TrainingError(f"--resume: {err}") from None
 
     # a new model standardises its region features with the training split's statistics (docs/training.md)
     stats, stats_source = None, None
@@ -631,7 +719,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     if ctx.is_main:
         _write_run_files(
             args, run_dir, model, answers, num_answers, feature_dim, total_steps, warmup_steps, precision, ctx,
-            stats_source,
+            stats_source, config_used(args, resume_dir, run_dir), threads,
         )
     log = (
         MetricsLog(run_dir, resume_step=step if state else None, tensorboard=args.tensorboard)
@@ -824,8 +912,13 @@ def _write_run_files(
     precision: str,
     ctx: DistContext,
     stats_source: str | None = None,
+    config: str | None = None,
+    threads: int | None = None,
 ) -> None:
-    """config.json and train_args.json, which `vilbert-data eval` reads (docs/contracts.md section 6)."""
+    """config.json and train_args.json, which `vilbert-data eval` reads (docs/contracts.md section 6).
+
+    config: where the model's configuration came from (default: --config).
+    """
     unwrap(model).config.to_json_file(run_dir / "config.json")
     answers_copy = None
     if answers is not None:
@@ -839,7 +932,8 @@ def _write_run_files(
         "num_answers": num_answers,
         "answers_file": str(answers_copy.resolve()) if answers_copy else None,
         "answers_source": str(answers.resolve()) if answers else None,
-        "config_name": args.config,
+        "config": config or args.config,
+        "config_name": config or args.config,
         "feature_dim": feature_dim,
         "feature_norm_used": unwrap(model).config.v_feature_norm,
         # a run started from a checkpoint keeps the statistics stored in its weights
@@ -849,5 +943,25 @@ def _write_run_files(
         "warmup_steps": warmup_steps,
         "precision_used": precision,
         "world_size": ctx.world_size,
+        "threads": threads,
     }
     atomic_write_json(run_dir / "train_args.json", record, default=str)
+
+
+def config_used(args: TrainArgs, resume_dir: Path | None, run_dir: Path) -> str:
+    """What the model's configuration came from: --config for a new model, else the checkpoint it was loaded from.
+
+    A resumed run keeps what its first start recorded; --init-from a folder or file uses the config.json
+    beside the weights (a reference pytorch_model.bin without one gets the paper preset).
+    """
+    if resume_dir is not None:
+        try:
+            return json.loads((run_dir / "train_args.json").read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{resume_dir}/config.json"
+    if args.init_from is None:
+        return args.config
+    source = Path(args.init_from).resolve()
+    config_file = (source if source.is_dir() else source.parent) / "config.json"
+    return str(config_file) if config_file.is_file() else f"vilbert-base (the preset: no config.json beside {source})"
+
