@@ -777,7 +777,7 @@ def _demo_summary(split: dict, pretrain: dict) -> tuple[str, str]:
         lines.append(f"| {row} | " + " | ".join(f"{table[t].get(row, float('nan')):.2f}" for t in titles) + " |")
     vision = split.get("vision", {})
     gain, drop = vision.get("gain_over_question_prior"), vision.get("drop_when_images_shuffled")
-    if vision.get("uses_image"):
+    if vision.get("uses_image") and vision.get("beats_question_prior"):
         verdict = (f"Vision helps: the model beats the question-only prior by {gain:.2f} points and loses "
                    f"{drop:.2f} points when every question gets another image's regions.")
     else:
@@ -789,8 +789,9 @@ def _demo_summary(split: dict, pretrain: dict) -> tuple[str, str]:
 
 
 def _uses_image(metrics: dict) -> bool:
-    """Whether the first split of an eval metrics.json says the model uses the image."""
-    return bool(next(iter(metrics["splits"].values())).get("vision", {}).get("uses_image"))
+    """Whether the first split of an eval metrics.json says the model uses the image and beats the prior."""
+    vision = next(iter(metrics["splits"].values())).get("vision", {})
+    return bool(vision.get("uses_image") and vision.get("beats_question_prior"))
 
 
 @app.command()

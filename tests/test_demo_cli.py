@@ -109,7 +109,7 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
     assert f"| overall | {split['overall']:.2f} |" in summary
     # the model beside what a blind model scores, and a verdict on whether it looks at the image
     assert "| question-only prior |" in summary and "| images shuffled |" in summary
-    assert ("Vision helps" in summary) is split["vision"]["uses_image"]
+    assert ("Vision helps" in summary) is (split["vision"]["uses_image"] and split["vision"]["beats_question_prior"])
     pretrain = json.loads((out / "reports" / "pretrain_val" / "metrics.json").read_text())["splits"]["val"]
     assert f"alignment accuracy {pretrain['alignment_accuracy']:.2f}" in summary
     _png_size(out / "explain.png")

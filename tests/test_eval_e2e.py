@@ -164,6 +164,7 @@ def test_eval_vqa_blind_baselines_from_the_training_split(tmp_path: Path, vocab:
     assert m["baselines"]["train_questions"] == 6
     # the model always says "yes": right on q13 only -> 25, below the prior
     assert m["overall"] == 25.0 and m["vision"]["gain_over_question_prior"] == -25.0
+    assert m["vision"]["beats_question_prior"] is False and m["vision"]["uses_image"] is False
     assert any("does not beat the question-only prior" in w for w in m["warnings"])
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| VQA accuracy | model | images shuffled | question-only prior | majority answer ('no') |" in report

@@ -101,7 +101,7 @@ def test_a_standardised_model_answers_from_the_image(colour_data: dict[str, Path
     assert m["overall"] >= 95.0, m
     # with every question given another image's regions the model is back at the prior
     assert m["shuffled_images"]["overall"] <= prior + 10.0
-    assert m["vision"]["uses_image"] is True and m["warnings"] == []
+    assert m["vision"]["uses_image"] is True and m["vision"]["beats_question_prior"] is True and m["warnings"] == []
     assert summary["warnings"] == []
     # training validation measured the same thing: a large gap between own and other images' regions
     assert val_log[-1]["vision_gap"] >= 0.8 and val_log[-1]["vqa_score"] >= 0.95

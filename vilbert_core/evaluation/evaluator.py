@@ -187,13 +187,14 @@ def _accuracy_tables(acc: dict) -> dict:
 
 
 def vqa_vision_report(metrics: dict) -> tuple[dict, list[str]]:
-    """Whether the model uses the image, from its accuracy, the shuffled-image run and the blind prior."""
+    """Whether the model uses the image (shuffled-image run) and beats a blind model (question-only prior)."""
     vision: dict[str, Any] = {}
     warnings: list[str] = []
     shuffled = metrics.get("shuffled_images")
     if shuffled is not None:
         vision["drop_when_images_shuffled"] = shuffled["drop"]
-        if shuffled["drop"] < VISION_DROP_MIN:
+        vision["uses_image"] = shuffled["drop"] >= VISION_DROP_MIN
+        if not vision["uses_image"]:
             warnings.append(
                 f"giving every question another image's regions costs only {shuffled['drop']:.2f} points "
                 f"({metrics['overall']:.2f} -> {shuffled['overall']:.2f}): the model barely uses the image"
@@ -202,13 +203,12 @@ def vqa_vision_report(metrics: dict) -> tuple[dict, list[str]]:
     if prior is not None:
         gain = round(metrics["overall"] - prior["overall"], 2)
         vision["gain_over_question_prior"] = gain
+        vision["beats_question_prior"] = gain > 0
         if gain <= 0:
             warnings.append(
                 f"the model ({metrics['overall']:.2f}) does not beat the question-only prior "
                 f"({prior['overall']:.2f}): it does no better than answering from the question alone"
             )
-    if vision:
-        vision["uses_image"] = not warnings
     return vision, warnings
 
 
