@@ -416,6 +416,7 @@ def eval_pretrain(
     Masking follows training (15% of tokens 80/10/10, 15% of regions 90% zeroed) from a generator
     seeded with `seed`; as in training, misaligned pairs are not scored for MLM and MRM.
     """
+    from vilbert_core.training.losses import pretraining_positions
     from vilbert_core.training.masking import IGNORE_INDEX, mask_regions, mask_tokens
 
     _require_kind(loaded, "pretrain")
@@ -433,18 +434,19 @@ def eval_pretrain(
             special_token_ids=(tok.pad_id, tok.cls_id, tok.sep_id), generator=gen,
         )  # fmt: skip
         feat, region_labels = mask_regions(batch["image_feat"], batch["image_mask"], generator=gen)
-        mlm_labels = mlm_labels.masked_fill(~aligned[:, None], IGNORE_INDEX)
-        masked_regions = (region_labels == 1) & aligned[:, None]
-        inputs = {**_inputs(batch), "input_ids": ids, "image_feat": feat}
-        out = loaded.model(**inputs)
-        if out.mrm_logits.shape[-1] != batch["image_target"].shape[-1]:
+        classes = loaded.model.config.v_target_size
+        if classes != batch["image_target"].shape[-1]:
             raise EvalError(
-                f"the model predicts {out.mrm_logits.shape[-1]} region classes but the shards' detector "
+                f"the model predicts {classes} region classes but the shards' detector "
                 f"distributions have {batch['image_target'].shape[-1]}"
             )
+        # the MLM / MRM heads run only on the scored positions: masked tokens and regions of aligned pairs
+        tokens, regions = pretraining_positions(mlm_labels, region_labels, aligned)
+        inputs = {**_inputs(batch), "input_ids": ids, "image_feat": feat}
+        out = loaded.model(**inputs, mlm_positions=tokens, mrm_positions=regions)
         for total, part in (
-            (sums_tok, masked_token_stats(out.mlm_logits, mlm_labels, IGNORE_INDEX)),
-            (sums_reg, masked_region_kl_stats(out.mrm_logits, batch["image_target"], masked_regions)),
+            (sums_tok, masked_token_stats(out.mlm_logits, mlm_labels[tokens], IGNORE_INDEX)),
+            (sums_reg, masked_region_kl_stats(out.mrm_logits, batch["image_target"][regions], regions[regions])),
             (sums_al, alignment_stats(out.align_logit, batch["align_label"])),
         ):
             for k, v in part.items():

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import multiple_choice_loss, pretraining_losses, refer_loss, vqa_loss
+from .losses import multiple_choice_loss, pretraining_losses, pretraining_positions, refer_loss, vqa_loss
 from .masking import mask_regions, mask_tokens
 
 TASKS = ("pretrain", "vqa", "vcr", "refcoco", "retrieval")
@@ -76,7 +76,9 @@ def compute_losses(
             batch["image_feat"], batch["image_mask"], generator=masking.generator
         )
         inputs = {**_model_inputs(batch), "input_ids": input_ids, "image_feat": image_feat}
-        out = model(**inputs)
+        # the heads run only where a loss is taken: masked tokens and regions of aligned pairs
+        tokens, regions = pretraining_positions(mlm_labels, region_labels, batch["align_label"])
+        out = model(**inputs, mlm_positions=tokens, mrm_positions=regions)
         return pretraining_losses(out, mlm_labels, region_labels, batch["image_target"], batch["align_label"])
     if task == "vqa":
         out = model(**_model_inputs(batch))
@@ -107,7 +109,10 @@ class TaskLossModule(nn.Module):
 def validation_scores(model: nn.Module, batch: dict[str, Any], task: str) -> torch.Tensor:
     """Per-sample validation score in [0, 1] (higher is better); for pretraining the alignment accuracy."""
     if task == "pretrain":
-        out = model(**_model_inputs(batch))
+        # only the alignment head is scored: no token or region goes through the MLM / MRM heads
+        no_tokens = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        no_regions = torch.zeros_like(batch["image_mask"], dtype=torch.bool)
+        out = model(**_model_inputs(batch), mlm_positions=no_tokens, mrm_positions=no_regions)
         return ((out.align_logit > 0).float() == batch["align_label"].float()).float()
     if task == "vqa":
         # VQA soft accuracy: the soft score of the predicted answer
