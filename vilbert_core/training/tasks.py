@@ -57,6 +57,20 @@ def _flatten_candidates(batch: dict[str, Any], task: str) -> tuple[dict[str, tor
     return inputs, c
 
 
+def vcr_pair_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, C) pair logits of a VCR batch: C texts (B, C, T) against each question's one image.
+
+    The image's embedding and visual layers before co-attention run once per question, not once per
+    choice (`embed_image`); the same logits as the model's forward on the image repeated C times.
+    """
+    b, c, t = batch["input_ids"].shape
+    text = {k: batch[k].reshape(b * c, t) for k in TEXT_KEYS}
+    image = model.vilbert.embed_image(*(batch[k] for k in IMAGE_KEYS)).repeat_interleave(c, dim=0)
+    text_states = model.vilbert.embed_text(text["input_ids"], text["token_type_ids"], text["attention_mask"])
+    image_mask = batch["image_mask"].repeat_interleave(c, dim=0)
+    return model.score_pairs(text_states, image, text["attention_mask"], image_mask).view(b, c)
+
+
 def compute_losses(
     model: nn.Module, batch: dict[str, Any], task: str, masking: MaskingSpec | None = None
 ) -> dict[str, torch.Tensor]:
@@ -119,7 +133,9 @@ def validation_scores(model: nn.Module, batch: dict[str, Any], task: str) -> tor
         out = model(**_model_inputs(batch))
         pred = out.vqa_logits.argmax(-1, keepdim=True)
         return batch["vqa_target"].gather(1, pred).squeeze(1).float()
-    if task in ("vcr", "retrieval"):
+    if task == "vcr":
+        return (vcr_pair_logits(model, batch).argmax(-1) == batch["label"]).float()
+    if task == "retrieval":
         inputs, c = _flatten_candidates(batch, task)
         out = model(**inputs)
         return (out.pair_logit.view(-1, c).argmax(-1) == batch["label"]).float()
