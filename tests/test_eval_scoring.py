@@ -12,14 +12,13 @@ from vilbert_core.evaluation.loading import LoadedModel
 from vilbert_core.training.tasks import vcr_pair_logits
 
 
-def _model(kind: str) -> torch.nn.Module:
+def _model(kind: str, **layers: object) -> torch.nn.Module:
     """A tiny model with visual layers before co-attention too, standardised features, random stats.
 
     A wide initialisation makes the pair scores O(1), so that the tolerance below is a real test.
     """
-    cfg = ViLBERTConfig.preset(
-        "tiny", v_num_hidden_layers=3, v_biattention_id=[1, 2], v_feature_norm="standardize", initializer_range=0.3
-    )
+    layers = layers or {"v_num_hidden_layers": 3, "v_biattention_id": [1, 2]}
+    cfg = ViLBERTConfig.preset("tiny", v_feature_norm="standardize", initializer_range=0.3, **layers)
     torch.manual_seed(0)
     model = (ViLBERTForTasks if kind == "tasks" else ViLBERTForPretraining)(cfg).eval()
     model.set_feature_stats(torch.rand(cfg.v_feature_size), torch.rand(cfg.v_feature_size) + 0.5)
@@ -49,9 +48,17 @@ def _retrieval_set(cfg: ViLBERTConfig) -> tuple[dict, dict]:
     return images, text
 
 
-@pytest.mark.parametrize("kind", ["tasks", "pretraining"])
-def test_score_all_pairs_equals_the_full_forward_of_every_pair(kind: str) -> None:
-    model = _model(kind)
+@pytest.mark.parametrize(
+    ("kind", "layers"),
+    [
+        ("tasks", {}),
+        ("pretraining", {}),
+        # two layers of each stream after the last co-attention layer, the first with no layer before it
+        ("tasks", {"num_hidden_layers": 6, "v_num_hidden_layers": 4, "v_biattention_id": [0, 2]}),
+    ],
+)
+def test_score_all_pairs_equals_the_full_forward_of_every_pair(kind: str, layers: dict) -> None:
+    model = _model(kind, **layers)
     images, text = _retrieval_set(model.config)
     head = "pair_logit" if kind == "tasks" else "align_logit"
     expected = torch.empty(5, 7)

@@ -197,9 +197,11 @@ class ViLBERTSelfAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(dims.width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(dims.hidden_dropout)
 
-    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
-        """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W)."""
-        q = _split_heads(self.query(hidden), self.heads)
+    def forward(self, hidden: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W), or (B,1,W) for the first position only."""
+        # first_only: position 0 ([CLS] / [IMG]) queries every position; the others' outputs are not needed
+        queries = hidden[:, :1] if first_only else hidden
+        q = _split_heads(self.query(queries), self.heads)
         k = _split_heads(self.key(hidden), self.heads)
         v = _split_heads(self.value(hidden), self.heads)
         context, _ = attend(
@@ -210,7 +212,7 @@ class ViLBERTSelfAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             implementation=self.config.attn_implementation,
         )
-        return self.layer_norm(hidden + self.dropout(self.output(_merge_heads(context))))
+        return self.layer_norm(queries + self.dropout(self.output(_merge_heads(context))))
 
 
 class ViLBERTFeedForward(nn.Module):
@@ -238,9 +240,9 @@ class ViLBERTLayer(nn.Module):
         self.attention = ViLBERTSelfAttention(config, dims)
         self.ffn = ViLBERTFeedForward(config, dims)
 
-    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
-        """(B,S,W) -> (B,S,W)."""
-        return self.ffn(self.attention(hidden, keep))
+    def forward(self, hidden: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B,S,W) -> (B,S,W), or (B,1,W) for the first position only."""
+        return self.ffn(self.attention(hidden, keep, first_only))
 
 
 # ----------------------------------------------------------------------------- co-attention
@@ -505,8 +507,13 @@ class ViLBERTModel(nn.Module):
         attention_mask: Tensor | None = None,
         image_mask: Tensor | None = None,
         output_attentions: bool = False,
+        pooled_only: bool = False,
     ) -> ViLBERTModelOutput:
-        """embed_text's (B,T,hidden) and embed_image's (B,R,v_hidden) -> final states and pooled vectors."""
+        """embed_text's (B,T,hidden) and embed_image's (B,R,v_hidden) -> final states and pooled vectors.
+
+        pooled_only: each stream's last layer after the last co-attention layer computes only what the
+        poolers read, the [CLS] token and the [IMG] region (text_hidden, visual_hidden are then (B,1,...)).
+        """
         text_keep, image_keep = _keep_mask(attention_mask), _keep_mask(image_mask)
         co_attentions: list[tuple[Tensor, Tensor]] = []
         t_start, v_start = self._first_co_layer_inputs()
@@ -525,10 +532,11 @@ class ViLBERTModel(nn.Module):
                 if probs is not None:
                     co_attentions.append(probs)
             t_start, v_start = t_end, v_end
-        for layer in self.visual_layers[v_start:]:
-            image = self._run(layer, image, image_keep)
-        for layer in self.text_layers[t_start:]:
-            text = self._run(layer, text, text_keep)
+        last_v, last_t = len(self.visual_layers) - 1, len(self.text_layers) - 1
+        for i, layer in enumerate(self.visual_layers[v_start:], v_start):
+            image = self._run(layer, image, image_keep, pooled_only and i == last_v)
+        for i, layer in enumerate(self.text_layers[t_start:], t_start):
+            text = self._run(layer, text, text_keep, pooled_only and i == last_t)
 
         text_pooled = self.text_pooler(text)  # (B,bi_hidden) from [CLS]
         visual_pooled = self.visual_pooler(image)  # (B,bi_hidden) from [IMG]
@@ -884,7 +892,7 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
         self, text: Tensor, image: Tensor, attention_mask: Tensor | None = None, image_mask: Tensor | None = None
     ) -> Tensor:
         """Alignment logits (B,) from `vilbert.embed_text` and `vilbert.embed_image` outputs (zero-shot retrieval)."""
-        base = self.vilbert.fuse(text, image, attention_mask, image_mask)
+        base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
         return self.align_head(self.dropout(base.pooled)).squeeze(-1)
 
 
@@ -940,7 +948,7 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
         Equal to forward()'s pair_logit; scoring C texts against one image, or one caption against
         many images, computes each side's part before co-attention once instead of once per pair.
         """
-        base = self.vilbert.fuse(text, image, attention_mask, image_mask)
+        base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
         return self.pair_head(self.dropout(base.pooled)).squeeze(-1)
 
 
