@@ -476,6 +476,11 @@ def train_cmd(
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N steps [each epoch]."),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient-norm clipping threshold."),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing",
+        help="Recompute each layer's activations in backward instead of storing them: less memory for long "
+        "sequences or large batches, about a third more compute.",
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
@@ -494,7 +499,7 @@ def train_cmd(
         warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
         feature_norm=feature_norm, precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
-        clip_grad=clip_grad, progress=progress,
+        clip_grad=clip_grad, activation_checkpointing=activation_checkpointing, progress=progress,
     )  # fmt: skip
     try:
         summary = run_train(args)
