@@ -14,6 +14,8 @@ Modes:
 - `--memory`: peak RSS of training steps under each memory lever (heads on all positions as before,
   masked heads, fused AdamW, the heap setting, activation checkpointing, updates applied inside
   backward), each variant in a separate process, with ratios to the first.
+- `--compare-before`: the step as it was before issue 17 (heads over every position, torch's for-loop
+  AdamW) and ours on the same weights, interleaved in one process (fp32 and bf16 autocast), with ratios.
 - `--compare-reference PATH`: the reference implementation (a vilbert-multi-task checkout at PATH,
   imported from there, never copied) and ours, same sizes and batch, steps interleaved in one process
   (fp32 and bf16 autocast), with the ratios; with `--memory` its peak RSS runs as one more variant.
@@ -342,26 +344,40 @@ def run_memory_variant(args: argparse.Namespace, variant: str) -> dict:
             "step_s_median": _median(times[args.warmup :] or times), "steps": len(times)}  # fmt: skip
 
 
-def compare_reference(args: argparse.Namespace) -> list[dict]:
-    """Our training step and the reference's, interleaved in this process; samples/s and their ratio."""
+def compare_steps(args: argparse.Namespace, other: str) -> list[dict]:
+    """Our training step and another, interleaved in this process, fp32 and bf16: samples/s and the ratio.
+
+    other: "reference", the reference code's model and loss (torch's AdamW); "before", this code's step
+    before issue 17 on the same weights: heads over every position, torch's default (for-loop) AdamW.
+    """
     device = args.device
     torch.manual_seed(0)
     cfg = ViLBERTConfig.preset(args.config)
     ours = ViLBERTForPretraining(cfg).to(device).train()
-    ref = build_reference(args.compare_reference, cfg, device)
-    ours_opt = build_optimizer(ours, lr=1e-4)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.98))
     batch = make_batch(cfg, args.batch, args.tokens, args.regions, device)
+    if other == "reference":
+        ref = build_reference(args.compare_reference, cfg, device)
+        other_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.98))
+
+        def other_loss() -> torch.Tensor:
+            return reference_step_loss(ref, batch, masking_spec(cfg), cfg)
+    else:
+        other_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.98))
+        all_positions = AllPositionsHeads(ours)
+
+        def other_loss() -> torch.Tensor:
+            return pretraining_step_loss(all_positions, batch, masking_spec(cfg))
+
     steps: dict[str, tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]] = {
-        "ours": (lambda: pretraining_step_loss(ours, batch, masking_spec(cfg)), ours_opt),
-        "reference": (lambda: reference_step_loss(ref, batch, masking_spec(cfg), cfg), ref_opt),
+        "ours": (lambda: pretraining_step_loss(ours, batch, masking_spec(cfg)), build_optimizer(ours, lr=1e-4)),
+        other: (other_loss, other_opt),
     }
     rows = []
     for precision in ("fp32", "bf16"):
         autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
         times: dict[str, list[float]] = {name: [] for name in steps}
         for i in range(args.warmup + args.steps):
-            for name in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
+            for name in ("ours", other) if i % 2 == 0 else (other, "ours"):
                 loss_of, opt = steps[name]
                 _sync(device)
                 start = time.perf_counter()
@@ -374,9 +390,9 @@ def compare_reference(args: argparse.Namespace) -> list[dict]:
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
         rate = {name: args.batch / _median(t) for name, t in times.items()}
-        rows.append({"precision": precision, "ours_samples_per_s": rate["ours"],
-                     "reference_samples_per_s": rate["reference"], "ratio": rate["ours"] / rate["reference"],
-                     "ratio_per_round": [r / o for o, r in zip(times["ours"], times["reference"], strict=True)]})  # fmt: skip
+        rows.append({"precision": precision, "other": other, "ours_samples_per_s": rate["ours"],
+                     "other_samples_per_s": rate[other], "ratio": rate["ours"] / rate[other],
+                     "ratio_per_round": [b / a for a, b in zip(times["ours"], times[other], strict=True)]})  # fmt: skip
     return rows
 
 
@@ -421,14 +437,14 @@ def main_memory(args: argparse.Namespace) -> dict:
     return {"memory": rows}
 
 
-def main_compare(args: argparse.Namespace) -> dict:
-    """Print the interleaved ours-vs-reference training-step ratios."""
-    rows = compare_reference(args)
+def main_compare(args: argparse.Namespace, other: str) -> dict:
+    """Print the interleaved training-step ratios of ours against `other` (see compare_steps)."""
+    rows = compare_steps(args, other)
     for row in rows:
-        print(f"{row['precision']}: ours {row['ours_samples_per_s']:.2f} samples/s, reference "
-              f"{row['reference_samples_per_s']:.2f} samples/s, ratio {row['ratio']:.2f}x "
+        print(f"{row['precision']}: ours {row['ours_samples_per_s']:.2f} samples/s, {other} "
+              f"{row['other_samples_per_s']:.2f} samples/s, ratio {row['ratio']:.2f}x "
               f"(per round {', '.join(f'{r:.2f}' for r in row['ratio_per_round'])})", flush=True)  # fmt: skip
-    return {"compare_reference": rows}
+    return {f"compare_{other}": rows}
 
 
 def main() -> None:
@@ -458,6 +474,8 @@ def main() -> None:
                         help=f"comma list from {tuple(MEMORY_VARIANTS)}; the first is the base of the ratios")  # fmt: skip
     parser.add_argument("--compare-reference", default=None, metavar="PATH",
                         help="a vilbert-multi-task checkout: time its training step against ours, interleaved")  # fmt: skip
+    parser.add_argument("--compare-before", action="store_true",
+                        help="time the step before issue 17 (heads over every position, for-loop AdamW) against ours")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -483,7 +501,9 @@ def main() -> None:
     if args.memory:
         info |= main_memory(args)
     elif args.compare_reference:
-        info |= main_compare(args)
+        info |= main_compare(args, "reference")
+    elif args.compare_before:
+        info |= main_compare(args, "before")
     else:
         info |= main_variants(args, parser)
     info["load_average_at_end"] = os.getloadavg()

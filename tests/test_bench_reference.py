@@ -103,11 +103,11 @@ def _args(reference: Path, **extra: object) -> argparse.Namespace:
 
 def test_bench_model_times_ours_and_the_reference_interleaved(reference: Path) -> None:
     bench_model = importlib.import_module("bench_model")
-    rows = bench_model.compare_reference(_args(reference))
+    rows = bench_model.compare_steps(_args(reference), "reference")
     stand_in = sys.modules["vilbert.vilbert"]
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     for r in rows:
-        assert r["ratio"] == pytest.approx(r["ours_samples_per_s"] / r["reference_samples_per_s"])
+        assert r["ratio"] == pytest.approx(r["ours_samples_per_s"] / r["other_samples_per_s"])
         assert len(r["ratio_per_round"]) == 2 and all(math.isfinite(x) and x > 0 for x in r["ratio_per_round"])
     # 2 precisions x (warm-up + 2 steps), and each call got our masked batch in the reference's conventions
     calls = [kw for name, kw in stand_in.CALLS if name == "pretraining"]
@@ -148,3 +148,11 @@ def test_a_folder_without_the_reference_code_is_refused(tmp_path: Path, monkeypa
     reference_code = importlib.import_module("reference_code")
     with pytest.raises(SystemExit, match="no vilbert/vilbert.py"):
         reference_code.load_reference(tmp_path)
+
+
+def test_bench_model_compares_the_step_before_issue_17(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])
+    bench_model = importlib.import_module("bench_model")
+    rows = bench_model.compare_steps(_args(Path("unused"), steps=1, warmup=0), "before")
+    assert [(r["precision"], r["other"]) for r in rows] == [("fp32", "before"), ("bf16", "before")]
+    assert all(r["ratio"] > 0 and len(r["ratio_per_round"]) == 1 for r in rows)
