@@ -245,6 +245,7 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
     load, which matters on a shared CPU; each step's peak memory is measured in its own window.
     """
     device = args.device
+    return_freed_memory_to_os()  # as the trainer does
     rss_start = _rss_bytes()  # torch alone holds ~0.7 GiB; the model's own memory is what comes on top
     torch.manual_seed(0)
     cfg = ViLBERTConfig.preset(args.config)
