@@ -16,6 +16,8 @@ Modes:
   backward), each variant in a separate process, with ratios to the first.
 - `--compare-before`: the step as it was before issue 17 (heads over every position, torch's for-loop
   AdamW) and ours on the same weights, interleaved in one process (fp32 and bf16 autocast), with ratios.
+- `--heap-timing`: the step's time with freed memory returned to the OS (the trainer's setting) against
+  glibc's usual heap reuse, alternating step by step in one process.
 - `--compare-reference PATH`: the reference implementation (a vilbert-multi-task checkout at PATH,
   imported from there, never copied) and ours, same sizes and batch, steps interleaved in one process
   (fp32 and bf16 autocast), with the ratios; with `--memory` its peak RSS runs as one more variant.
@@ -397,6 +399,43 @@ def compare_steps(args: argparse.Namespace, other: str) -> list[dict]:
     return rows
 
 
+def heap_timing(args: argparse.Namespace) -> dict:
+    """Step time with freed memory returned to the OS vs glibc's usual heap reuse, alternating in one process.
+
+    The setting is the mmap threshold: 128 KiB fixed (return_freed_memory_to_os) against 32 MiB, where
+    glibc's own rule ends after the first large frees. After each switch one step settles the heap and
+    the next is timed. fp32, the trainer's step.
+    """
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset(args.config)
+    model = ViLBERTForPretraining(cfg).train()
+    optimizer = build_optimizer(model, lr=1e-4)
+    batch = make_batch(cfg, args.batch, args.tokens, args.regions, "cpu")
+    masking = masking_spec(cfg)
+
+    def step() -> float:
+        start = time.perf_counter()
+        pretraining_step_loss(model, batch, masking).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    settings = {"returned to the OS (128 KiB)": 128 * 1024, "glibc heap reuse (32 MiB)": 32 * 2**20}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.warmup):
+        step()
+    for i in range(args.steps):
+        for name in settings if i % 2 == 0 else list(settings)[::-1]:
+            return_freed_memory_to_os(settings[name])
+            step()
+            times[name].append(step())
+    (a, ta), (b, tb) = times.items()
+    row = {"times": times, "ratio": _median(ta) / _median(tb)}
+    print(f"step: {a} {_median(ta):.2f} s, {b} {_median(tb):.2f} s, ratio {row['ratio']:.2f} "
+          f"(per round {', '.join(f'{x / y:.2f}' for x, y in zip(ta, tb, strict=True))})", flush=True)  # fmt: skip
+    return {"heap_timing": row}
+
+
 def _child(args: argparse.Namespace, flag: str, value: str) -> Any:
     """Run this script again with --<flag> value; its last stdout line is JSON (None after a failure)."""
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--{flag}", value]  # the child ignores --out
@@ -477,6 +516,8 @@ def main() -> None:
                         help="a vilbert-multi-task checkout: time its training step against ours, interleaved")  # fmt: skip
     parser.add_argument("--compare-before", action="store_true",
                         help="time the step before issue 17 (heads over every position, for-loop AdamW) against ours")  # fmt: skip
+    parser.add_argument("--heap-timing", action="store_true",
+                        help="step time with freed memory returned to the OS vs glibc's heap reuse, alternating (CPU)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -505,6 +546,8 @@ def main() -> None:
         info |= main_compare(args, "reference")
     elif args.compare_before:
         info |= main_compare(args, "before")
+    elif args.heap_timing:
+        info |= heap_timing(args)
     else:
         info |= main_variants(args, parser)
     info["load_average_at_end"] = os.getloadavg()
