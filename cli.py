@@ -493,6 +493,11 @@ def train_cmd(
         help=_literal("torch threads per process [default: OMP_NUM_THREADS, else the process's cores (CPU affinity) "
                       "divided by the processes on the node, less --num-workers; at least 1]."),
     ),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing",
+        help="Recompute each layer's activations in backward instead of storing them: less memory for long "
+        "sequences or large batches, about a third more compute.",
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
@@ -511,7 +516,7 @@ def train_cmd(
         warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
         feature_norm=feature_norm, precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
-        clip_grad=clip_grad, progress=progress, threads=threads,
+        clip_grad=clip_grad, activation_checkpointing=activation_checkpointing, progress=progress, threads=threads,
     )  # fmt: skip
     try:
         summary = run_train(args)

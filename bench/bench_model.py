@@ -1,93 +1,138 @@
-"""ViLBERT training-step benchmark: samples/s, peak memory, model FLOPs utilisation.
+"""ViLBERT training-step benchmark: samples/s, peak memory, model FLOPs utilisation; memory levers; the reference.
 
-One step = forward + pretraining losses + backward + AdamW, on the paper config by default, batch 8,
-36 text tokens, 36+1 regions. Variants: attention through SDPA or the plain matmul-softmax path
-("eager"), fp32 or bf16 autocast. Each precision runs in its own subprocess; inside it the two attention
-paths alternate step by step on one model, so that both see the same load on a shared machine. Peak
-memory is measured per step (peak RSS via VmHWM on the CPU, torch.cuda.max_memory_allocated on CUDA).
+One step = what the trainer computes per batch: pretraining masking, forward with the MLM / MRM heads
+on the masked positions only, the three losses, backward, AdamW (`build_optimizer`: fused), on the
+paper config by default, batch 8, 36 text tokens, 36+1 regions.
 
-Model FLOPs per sample are counted once with torch.utils.flop_counter on the meta device (no compute),
-and the machine's peak is measured with a large matmul in the same dtype, so the throughput reads as a
-fraction of peak (model FLOPs utilisation, MFU).
+Modes:
+- default: attention through SDPA or the plain matmul-softmax path ("eager"), fp32 or bf16 autocast.
+  Each precision runs in its own subprocess; inside it the two attention paths alternate step by step
+  on one model, so that both see the same load on a shared machine. Peak memory is measured per step
+  (peak RSS via VmHWM on the CPU, torch.cuda.max_memory_allocated on CUDA). Model FLOPs per sample are
+  counted during the first warm-up step with torch.utils.flop_counter, and the machine's peak with a
+  large matmul in the same dtype, so the throughput reads as a fraction of peak (MFU).
+- `--memory`: peak RSS of training steps under each memory lever (heads on all positions as before,
+  masked heads, fused AdamW, the heap setting, activation checkpointing, updates applied inside
+  backward), each variant in a separate process, with ratios to the first.
+- `--compare-before`: the step as it was before issue 17 (heads over every position, torch's for-loop
+  AdamW) and ours on the same weights, interleaved in one process (fp32 and bf16 autocast), with ratios.
+- `--heap-timing`: the step's time with freed memory returned to the OS (the trainer's setting) against
+  glibc's usual heap reuse, alternating step by step in one process.
+- `--compare-reference PATH`: the reference implementation (a vilbert-multi-task checkout at PATH,
+  imported from there, never copied) and ours, same sizes and batch, steps interleaved in one process
+  (fp32 and bf16 autocast), with the ratios; with `--memory` its peak RSS runs as one more variant.
 
 Examples:
     .venv/bin/python bench/bench_model.py                          # CPU, paper config, all 4 variants
     .venv/bin/python bench/bench_model.py --device cuda --steps 20 --warmup 5
+    .venv/bin/python bench/bench_model.py --memory --steps 2       # one process per memory variant
+    .venv/bin/python bench/bench_model.py --compare-reference ../vilbert-multi-task --steps 5
     .venv/bin/python bench/bench_model.py --config tiny --steps 5  # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vilbert_core import ViLBERTConfig, ViLBERTForPretraining  # noqa: E402
+from vilbert_core.training.masking import mask_regions, mask_tokens  # noqa: E402
+from vilbert_core.training.memory import return_freed_memory_to_os  # noqa: E402
+from vilbert_core.training.optim import build_optimizer, step_in_backward  # noqa: E402
+from vilbert_core.training.tasks import MaskingSpec, compute_losses  # noqa: E402
 
 VARIANTS = ("sdpa-fp32", "eager-fp32", "sdpa-bf16", "eager-bf16")
+# memory variant -> the levers it turns on, each variant in its own process
+MEMORY_VARIANTS: dict[str, set[str]] = {
+    "before": set(),  # the code before issue 17: heads over every position, torch's default AdamW
+    "masked-heads": {"masked"},
+    "fused-adamw": {"masked", "fused"},  # what the trainer runs now
+    "heap": {"masked", "fused", "heap"},
+    "checkpointing": {"masked", "fused", "heap", "checkpointing"},
+    "in-backward": {"masked", "fused", "heap", "in_backward"},
+    "in-backward+checkpointing": {"masked", "fused", "heap", "in_backward", "checkpointing"},
+}
+_MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
+# token ids of the benchmark's made-up vocabulary: 0-3 special ([PAD], [CLS], [SEP], [UNK]), 4 [MASK]
+_SPECIAL, _MASK_ID = (0, 1, 2, 3), 4
 
 
 def make_batch(
     cfg: ViLBERTConfig, batch: int, tokens: int, regions: int, device: str
 ) -> dict[str, torch.Tensor]:
-    """A random pretraining batch of the contract's shapes (region 0 = global [IMG] region)."""
+    """A random pretraining batch of the contract's shapes (region 0 = global [IMG] region), half aligned."""
     g = torch.Generator().manual_seed(0)
     target = torch.rand(batch, regions, cfg.v_target_size, generator=g)
     target = target / target.sum(-1, keepdim=True)
     batch_dict = {
-        "input_ids": torch.randint(1, cfg.vocab_size, (batch, tokens), generator=g),
+        "input_ids": torch.randint(5, cfg.vocab_size, (batch, tokens), generator=g),
         "token_type_ids": torch.zeros(batch, tokens, dtype=torch.long),
         "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
         "image_feat": torch.randn(batch, regions, cfg.v_feature_size, generator=g),
         "image_loc": torch.rand(batch, regions, 5, generator=g),
         "image_mask": torch.ones(batch, regions, dtype=torch.long),
-        "mlm_labels": torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g),
         "image_target": target,
-        "align_label": torch.randint(0, 2, (batch,), generator=g).float(),
+        "align_label": (torch.arange(batch) % 2 == 0).float(),
     }
     return {k: v.to(device) for k, v in batch_dict.items()}
 
 
-_MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
+def masking_spec(cfg: ViLBERTConfig, seed: int = 0) -> MaskingSpec:
+    """Masking as the trainer does it, for the benchmark's vocabulary."""
+    return MaskingSpec(_MASK_ID, cfg.vocab_size, _SPECIAL, torch.Generator().manual_seed(seed))
 
 
-def pretraining_loss(model: ViLBERTForPretraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MLM cross-entropy + MRM KL + alignment BCE over every position (same cost as the trainer's worst case)."""
-    out = model(**{k: batch[k] for k in _MODEL_INPUTS})
-    mlm = torch.nn.functional.cross_entropy(
-        out.mlm_logits.flatten(0, 1).float(), batch["mlm_labels"].flatten()
-    )
-    log_p = out.mrm_logits.float().log_softmax(-1)
-    mrm = torch.nn.functional.kl_div(log_p, batch["image_target"], reduction="batchmean")
-    align = torch.nn.functional.binary_cross_entropy_with_logits(
-        out.align_logit.float(), batch["align_label"]
-    )
-    return mlm + mrm + align
+class AllPositionsHeads(torch.nn.Module):
+    """Runs the MLM / MRM heads over every position, as the code did before issue 17 (a memory variant)."""
+
+    def __init__(self, model: ViLBERTForPretraining) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mlm_positions: Any = None, mrm_positions: Any = None, **inputs: Any) -> Any:
+        """The model's output with full (B,T,vocab) / (B,R,classes) logits; the positions are ignored."""
+        return self.model(**inputs)
 
 
-def count_flops_per_sample(cfg: ViLBERTConfig, batch: int, tokens: int, regions: int) -> float:
-    """Forward+backward FLOPs per sample, counted on the meta device (matmuls and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def pretraining_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], masking: MaskingSpec) -> torch.Tensor:
+    """The trainer's pretraining loss of one batch (masking, heads on the masked positions, three losses)."""
+    return compute_losses(model, batch, "pretrain", masking)["loss"]
 
-    cfg = dataclasses.replace(cfg, attn_implementation="eager")  # counted as plain matmuls
-    with torch.device("meta"):
-        model = ViLBERTForPretraining(cfg).train()
-        data = make_batch(cfg, batch, tokens, regions, "meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        pretraining_loss(model, data).backward()
-    return counter.get_total_flops() / batch
+
+def reference_step_loss(
+    ref: torch.nn.Module, batch: dict[str, torch.Tensor], masking: MaskingSpec, cfg: ViLBERTConfig
+) -> torch.Tensor:
+    """The reference model's three pretraining losses on the same masking of the same batch, summed."""
+    from reference_code import reference_pretraining_inputs
+
+    ids, mlm_labels = mask_tokens(batch["input_ids"], batch["attention_mask"], mask_token_id=masking.mask_token_id,
+                                  vocab_size=cfg.vocab_size, special_token_ids=masking.special_token_ids,
+                                  generator=masking.generator)  # fmt: skip
+    feat, region_labels = mask_regions(batch["image_feat"], batch["image_mask"], generator=masking.generator)
+    inputs = {**{k: batch[k] for k in _MODEL_INPUTS}, "input_ids": ids, "image_feat": feat}
+    args = reference_pretraining_inputs(inputs, mlm_labels, region_labels, batch["image_target"], batch["align_label"])
+    return sum(loss.sum() for loss in ref(**args)[:3])
+
+
+def build_reference(path: str, cfg: ViLBERTConfig, device: str) -> torch.nn.Module:
+    """The reference's BertForMultiModalPreTraining with our configuration's sizes."""
+    from reference_code import load_reference, reference_config
+
+    module = load_reference(path)
+    return module.BertForMultiModalPreTraining(reference_config(module, cfg)).to(device).train()
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -132,7 +177,7 @@ def attention_microbench(device: str, batch: int, tokens: int, regions: int, rep
                     _sync(device)
                     if i >= 3:  # first rounds warm up kernels
                         times[impl].append(time.perf_counter() - start)
-            med = {impl: sorted(t)[len(t) // 2] for impl, t in times.items()}
+            med = {impl: _median(t) for impl, t in times.items()}
             rows.append(
                 {
                     "shape": name,
@@ -143,6 +188,11 @@ def attention_microbench(device: str, batch: int, tokens: int, regions: int, rep
                 }
             )
     return rows
+
+
+def _median(values: list[float]) -> float:
+    """The middle value (upper middle for an even count)."""
+    return sorted(values)[len(values) // 2]
 
 
 def _sync(device: str) -> None:
@@ -180,6 +230,16 @@ def _peak(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
 
 
+def _flops_of(fn: Callable[[], Any]) -> float:
+    """FLOPs that fn() runs (matmuls and attention), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) -> list[dict]:
     """Time training steps of one precision, alternating the attention paths step by step.
 
@@ -187,13 +247,15 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
     load, which matters on a shared CPU; each step's peak memory is measured in its own window.
     """
     device = args.device
+    return_freed_memory_to_os()  # as the trainer does
     rss_start = _rss_bytes()  # torch alone holds ~0.7 GiB; the model's own memory is what comes on top
     torch.manual_seed(0)
     cfg = ViLBERTConfig.preset(args.config)
     model = ViLBERTForPretraining(cfg).to(device).train()
     step_model = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device == "cuda")
+    optimizer = build_optimizer(model, lr=1e-4)
     batch = make_batch(cfg, args.batch, args.tokens, args.regions, device)
+    masking = masking_spec(cfg)
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step(impl: str) -> tuple[float, int]:
@@ -203,15 +265,17 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
         _reset_peak(device)
         start = time.perf_counter()
         with autocast:
-            loss = pretraining_loss(step_model, batch)
+            loss = pretraining_step_loss(step_model, batch, masking)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         return time.perf_counter() - start, _peak(device)
 
-    for _ in range(args.warmup):
-        for impl in impls:
+    # the first warm-up step is counted: forward + backward FLOPs with the heads on the masked positions
+    flops = _flops_of(lambda: step(impls[0])) / args.batch
+    for i in range(args.warmup):
+        for impl in impls[1:] if i == 0 else impls:
             step(impl)
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     peaks: dict[str, int] = dict.fromkeys(impls, 0)
@@ -222,7 +286,7 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
             peaks[impl] = max(peaks[impl], peak)
     rows = []
     for impl in impls:
-        median = sorted(times[impl])[len(times[impl]) // 2]
+        median = _median(times[impl])
         rows.append(
             {
                 "variant": f"{impl}-{precision}",
@@ -232,13 +296,199 @@ def run_precision(args: argparse.Namespace, precision: str, impls: list[str]) ->
                 "peak_memory_gib": peaks[impl] / 2**30,
                 "peak_over_import_gib": (peaks[impl] - (rss_start if device == "cpu" else 0)) / 2**30,
                 "num_parameters": sum(p.numel() for p in model.parameters()),
+                "model_flops_per_sample": flops,
             }
         )
     return rows
 
 
+def run_memory_variant(args: argparse.Namespace, variant: str) -> dict:
+    """Peak RSS and step time of fp32 training steps with one memory variant's levers (its own process)."""
+    levers = MEMORY_VARIANTS.get(variant, set())
+    if "heap" in levers:
+        return_freed_memory_to_os()
+    rss_import = _rss_bytes()
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset(args.config)
+    batch = make_batch(cfg, args.batch, args.tokens, args.regions, "cpu")
+    masking = masking_spec(cfg)
+    if variant == "reference":
+        model = build_reference(args.compare_reference, cfg, "cpu")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+
+        def loss_of() -> torch.Tensor:
+            return reference_step_loss(model, batch, masking, cfg)
+    else:
+        model = ViLBERTForPretraining(cfg).train()
+        model.gradient_checkpointing_enable("checkpointing" in levers)
+        if "fused" in levers:
+            optimizer = build_optimizer(model, lr=1e-4)
+        else:  # torch's default for CPU parameters: the for-loop kernel
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+        step_model = model if "masked" in levers else AllPositionsHeads(model)
+        if "in_backward" in levers:
+            step_in_backward(optimizer)
+
+        def loss_of() -> torch.Tensor:
+            return pretraining_step_loss(step_model, batch, masking)
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss_of().backward()
+        if "in_backward" not in levers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    # VmHWM over the whole process: model, the lazily created optimizer state, every step
+    peak = _peak_rss_bytes()
+    return {"variant": variant, "levers": sorted(levers), "peak_rss_mib": peak / 2**20,
+            "peak_over_import_mib": (peak - rss_import) / 2**20, "import_rss_mib": rss_import / 2**20,
+            "step_s_median": _median(times[args.warmup :] or times), "steps": len(times)}  # fmt: skip
+
+
+def compare_steps(args: argparse.Namespace, other: str) -> list[dict]:
+    """Our training step and another, interleaved in this process, fp32 and bf16: samples/s and the ratio.
+
+    other: "reference", the reference code's model and loss (torch's AdamW); "before", this code's step
+    before issue 17 on the same weights: heads over every position, torch's default (for-loop) AdamW.
+    """
+    device = args.device
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset(args.config)
+    ours = ViLBERTForPretraining(cfg).to(device).train()
+    batch = make_batch(cfg, args.batch, args.tokens, args.regions, device)
+    if other == "reference":
+        ref = build_reference(args.compare_reference, cfg, device)
+        other_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.98))
+
+        def other_loss() -> torch.Tensor:
+            return reference_step_loss(ref, batch, masking_spec(cfg), cfg)
+    else:
+        other_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.98))
+        all_positions = AllPositionsHeads(ours)
+
+        def other_loss() -> torch.Tensor:
+            return pretraining_step_loss(all_positions, batch, masking_spec(cfg))
+
+    steps: dict[str, tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]] = {
+        "ours": (lambda: pretraining_step_loss(ours, batch, masking_spec(cfg)), build_optimizer(ours, lr=1e-4)),
+        other: (other_loss, other_opt),
+    }
+    rows = []
+    for precision in ("fp32", "bf16"):
+        autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for i in range(args.warmup + args.steps):
+            for name in ("ours", other) if i % 2 == 0 else (other, "ours"):
+                loss_of, opt = steps[name]
+                _sync(device)
+                start = time.perf_counter()
+                with autocast:
+                    loss = loss_of()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        rate = {name: args.batch / _median(t) for name, t in times.items()}
+        rows.append({"precision": precision, "other": other, "ours_samples_per_s": rate["ours"],
+                     "other_samples_per_s": rate[other], "ratio": rate["ours"] / rate[other],
+                     "ratio_per_round": [b / a for a, b in zip(times["ours"], times[other], strict=True)]})  # fmt: skip
+    return rows
+
+
+def heap_timing(args: argparse.Namespace) -> dict:
+    """Step time with freed memory returned to the OS vs glibc's usual heap reuse, alternating in one process.
+
+    The setting is the mmap threshold: 128 KiB fixed (return_freed_memory_to_os) against 32 MiB, where
+    glibc's own rule ends after the first large frees. After each switch one step settles the heap and
+    the next is timed. fp32, the trainer's step.
+    """
+    torch.manual_seed(0)
+    cfg = ViLBERTConfig.preset(args.config)
+    model = ViLBERTForPretraining(cfg).train()
+    optimizer = build_optimizer(model, lr=1e-4)
+    batch = make_batch(cfg, args.batch, args.tokens, args.regions, "cpu")
+    masking = masking_spec(cfg)
+
+    def step() -> float:
+        start = time.perf_counter()
+        pretraining_step_loss(model, batch, masking).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    settings = {"returned to the OS (128 KiB)": 128 * 1024, "glibc heap reuse (32 MiB)": 32 * 2**20}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.warmup):
+        step()
+    for i in range(args.steps):
+        for name in settings if i % 2 == 0 else list(settings)[::-1]:
+            return_freed_memory_to_os(settings[name])
+            step()
+            times[name].append(step())
+    (a, ta), (b, tb) = times.items()
+    row = {"times": times, "ratio": _median(ta) / _median(tb)}
+    print(f"step: {a} {_median(ta):.2f} s, {b} {_median(tb):.2f} s, ratio {row['ratio']:.2f} "
+          f"(per round {', '.join(f'{x / y:.2f}' for x, y in zip(ta, tb, strict=True))})", flush=True)  # fmt: skip
+    return {"heap_timing": row}
+
+
+def _child(args: argparse.Namespace, flag: str, value: str) -> Any:
+    """Run this script again with --<flag> value; its last stdout line is JSON (None after a failure)."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], f"--{flag}", value]  # the child ignores --out
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # record the failure and go on with the other variants
+        print(f"{value} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the figures were measured on: CPU model, cores, torch, threads, load average now."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "machine": f"{cpu}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),  # other work on a shared machine skews every figure
+    }
+
+
+def main_memory(args: argparse.Namespace) -> dict:
+    """Each memory variant (and the reference, when given) in its own process; ratios to the first."""
+    names = args.memory_variants.split(",") + (["reference"] if args.compare_reference else [])
+    rows = [row for name in names if (row := _child(args, "memory-child", name)) is not None]
+    base = rows[0]["peak_rss_mib"] if rows else float("nan")
+    print(f"| variant | levers | peak RSS | over import | vs {names[0]} | step (median) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        row["ratio_to_first"] = row["peak_rss_mib"] / base
+        print(f"| {row['variant']} | {', '.join(row['levers']) or '-'} | {row['peak_rss_mib']:.0f} MiB | "
+              f"{row['peak_over_import_mib']:.0f} MiB | {row['ratio_to_first']:.2f} | {row['step_s_median']:.2f} s |",
+              flush=True)  # fmt: skip
+    return {"memory": rows}
+
+
+def main_compare(args: argparse.Namespace, other: str) -> dict:
+    """Print the interleaved training-step ratios of ours against `other` (see compare_steps)."""
+    rows = compare_steps(args, other)
+    for row in rows:
+        print(f"{row['precision']}: ours {row['ours_samples_per_s']:.2f} samples/s, {other} "
+              f"{row['other_samples_per_s']:.2f} samples/s, ratio {row['ratio']:.2f}x "
+              f"(per round {', '.join(f'{r:.2f}' for r in row['ratio_per_round'])})", flush=True)  # fmt: skip
+    return {f"compare_{other}": rows}
+
+
 def main() -> None:
-    """Parse options, run each variant in a subprocess, print a table and optionally write JSON."""
+    """Parse options, run the chosen mode, print a table and optionally write JSON."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -259,7 +509,17 @@ def main() -> None:
         "--attention-only", action="store_true", help="only the attention-core micro-benchmark (fast)"
     )
     parser.add_argument("--attention-repeats", type=int, default=50)
+    parser.add_argument("--memory", action="store_true", help="peak RSS per memory variant, one process each (CPU)")
+    parser.add_argument("--memory-variants", default=",".join(MEMORY_VARIANTS),
+                        help=f"comma list from {tuple(MEMORY_VARIANTS)}; the first is the base of the ratios")  # fmt: skip
+    parser.add_argument("--compare-reference", default=None, metavar="PATH",
+                        help="a vilbert-multi-task checkout: time its training step against ours, interleaved")  # fmt: skip
+    parser.add_argument("--compare-before", action="store_true",
+                        help="time the step before issue 17 (heads over every position, for-loop AdamW) against ours")  # fmt: skip
+    parser.add_argument("--heap-timing", action="store_true",
+                        help="step time with freed memory returned to the OS vs glibc's heap reuse, alternating (CPU)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,7 +528,36 @@ def main() -> None:
         precision, impls = args.child.split(":")
         print(json.dumps(run_precision(args, precision, impls.split(","))))
         return
+    if args.memory_child:
+        print(json.dumps(run_memory_variant(args, args.memory_child)))
+        return
+    for name in args.memory_variants.split(","):
+        if name not in MEMORY_VARIANTS:
+            parser.error(f"unknown memory variant {name!r}; choose from {tuple(MEMORY_VARIANTS)}")
+    info: dict[str, Any] = machine_info(args.device) | {
+        "device": args.device, "config": args.config, "batch": args.batch, "tokens": args.tokens,
+        "regions": args.regions, "steps": args.steps, "warmup": args.warmup,
+    }  # fmt: skip
+    print(f"machine: {info['machine']}, torch {info['torch']}, {info['torch_threads']} threads, "
+          f"load average {info['load_average'][0]:.1f} at the start", flush=True)  # fmt: skip
+    if args.memory:
+        info |= main_memory(args)
+    elif args.compare_reference:
+        info |= main_compare(args, "reference")
+    elif args.compare_before:
+        info |= main_compare(args, "before")
+    elif args.heap_timing:
+        info |= heap_timing(args)
+    else:
+        info |= main_variants(args, parser)
+    info["load_average_at_end"] = os.getloadavg()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(info, indent=2) + "\n")
 
+
+def main_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The attention-path x precision variants (and the attention micro-benchmark)."""
     attention = attention_microbench(
         args.device, args.batch, args.tokens, args.regions, args.attention_repeats
     )
@@ -279,13 +568,8 @@ def main() -> None:
             flush=True,
         )
     if args.attention_only:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"device": args.device, "attention": attention}, indent=2) + "\n")
-        return
+        return {"attention": attention}
 
-    cfg = ViLBERTConfig.preset(args.config)
-    flops = count_flops_per_sample(cfg, args.batch, args.tokens, args.regions)
     n = args.peak_size or (8192 if args.device == "cuda" else 2048)
     repeats = 20 if args.device == "cuda" else 3
     peaks = {
@@ -301,50 +585,23 @@ def main() -> None:
         impls = [v.split("-")[0] for v in wanted if v.endswith(precision)]
         if not impls:
             continue
-        child = f"{precision}:{','.join(impls)}"
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", child]  # the child ignores --out
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:  # record the failure and go on with the other precision
-            print(f"{precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            results.append({"variant": child, "error": done.stderr[-2000:]})
+        rows = _child(args, "child", f"{precision}:{','.join(impls)}")
+        if rows is None:
+            results.append({"variant": precision, "error": "failed (see stderr)"})
             continue
-        for row in json.loads(done.stdout.strip().splitlines()[-1]):
-            row["model_flops_per_sample"] = flops
-            row["achieved_flops_per_s"] = flops * row["samples_per_s"]
+        for row in rows:
+            row["achieved_flops_per_s"] = row["model_flops_per_sample"] * row["samples_per_s"]
             row["mfu_vs_measured_matmul_peak"] = row["achieved_flops_per_s"] / peaks[precision]
             results.append(row)
             print(
                 f"{row['variant']:11s} {row['samples_per_s']:8.2f} samples/s  step {row['step_s_median']:.3f} s  "
                 f"peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_import_gib']:.2f} over import)  "
-                f"MFU {100 * row['mfu_vs_measured_matmul_peak']:.1f}%",
+                f"MFU {100 * row['mfu_vs_measured_matmul_peak']:.1f}%  "
+                f"({row['model_flops_per_sample'] / 1e9:.1f} GFLOP/sample)",
                 flush=True,
             )
-    info = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": os.getloadavg(),  # other work on a shared machine skews every figure
-        "device": args.device,
-        "config": args.config,
-        "batch": args.batch,
-        "tokens": args.tokens,
-        "regions": args.regions,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "model_flops_per_sample": flops,
-        "matmul_peak_flops_per_s": peaks,
-        "matmul_peak_size": n,
-        "results": results,
-        "attention": attention,
-    }
-    print(
-        f"model FLOPs/sample (fwd+bwd): {flops / 1e9:.1f} GFLOP; matmul peak fp32 "
-        f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
-    )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"matmul peak fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    return {"matmul_peak_flops_per_s": peaks, "matmul_peak_size": n, "results": results, "attention": attention}
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ if [ "$MODE" = smoke ]; then
     MODEL=(--device cpu --config tiny --batch 2 --steps 1 --warmup 1 --variants sdpa-bf16,sdpa-fp32
         --attention-repeats 1 --peak-size 256)
     SWEEP=(--device cpu --config tiny --start 2 --max-batch 4 --steps 1 --peak-size 256)
-    EVAL=(--device cpu --presets tiny --batch-size 4 --batches 1)
+    EVAL=(--device cpu --presets tiny --batch-size 4 --rounds 1 --skip-metrics)
     TRAIN=(--configs tiny --device cpu --images 16 --batch-size 4 --steps 1 --warmup 1 --workers 0 --repeats 1)
     TESTS=(-m cuda -q -p no:cacheprovider tests/test_train_masking.py tests/test_eval_e2e.py)
 else
@@ -244,7 +244,7 @@ else
     MODEL=(--device cuda --batch 64 --steps 10 --warmup 3 --variants sdpa-bf16,eager-bf16,sdpa-fp32
         --attention-repeats 10)
     SWEEP=(--device cuda --start 8 --max-batch 8192 --steps 3 --budget-s 75)
-    EVAL=(--device cuda --presets tiny,vilbert-base --batch-size 256 --batches 8)
+    EVAL=(--device cuda --presets tiny,vilbert-base --precisions fp32,bf16 --batch-size 256 --rounds 3)
     TRAIN=(--configs vilbert-base --device cuda --images 512 --batch-size 64 --steps 20 --warmup 3
         --workers 4 --repeats 1 --precision bf16)
     TESTS=(-m cuda -q -p no:cacheprovider --continue-on-collection-errors tests)

@@ -255,6 +255,51 @@ def test_sdpa_equals_eager_forward_and_gradients() -> None:
         )
 
 
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+    """Recomputing activations in backward changes nothing: same losses and gradients, dropout included."""
+    cfg = ViLBERTConfig.preset("tiny", v_num_hidden_layers=3, v_biattention_id=[1, 2])  # dropout 0.1 on
+    torch.manual_seed(0)
+    model = ViLBERTForPretraining(cfg).train()
+    inputs = _inputs(cfg)
+
+    def loss_of(out: object) -> torch.Tensor:
+        return out.mlm_logits.square().mean() + out.mrm_logits.square().mean() + out.align_logit.sum()
+
+    results = []
+    for on in (False, True):
+        model.gradient_checkpointing_enable(on)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        loss = loss_of(model(**inputs))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(g, grads_b[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():
+        assert abs(float(loss_of(model.eval()(**inputs)) - loss_a)) > 1e-4  # dropout really was on
+
+
+def test_prediction_positions_are_the_full_heads_rows() -> None:
+    """mlm_positions / mrm_positions give exactly the chosen rows of the full MLM / MRM logits."""
+    torch.manual_seed(0)
+    cfg = _tiny()
+    model = ViLBERTForPretraining(cfg).eval()
+    inputs = _inputs(cfg)
+    tokens = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) < 0.3
+    regions = torch.zeros(3, 5, dtype=torch.bool)
+    regions[2, 1:3] = True
+    full = model(**inputs)
+    part = model(**inputs, mlm_positions=tokens, mrm_positions=regions)
+    assert part.mlm_logits.shape == (int(tokens.sum()), cfg.vocab_size) and part.mrm_logits.shape == (2, 11)
+    torch.testing.assert_close(part.mlm_logits, full.mlm_logits[tokens], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(part.mrm_logits, full.mrm_logits[2, 1:3], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(part.align_logit, full.align_logit, atol=0, rtol=0)
+    none = model(**inputs, mlm_positions=torch.zeros_like(tokens), mrm_positions=torch.zeros_like(regions))
+    assert none.mlm_logits.shape == (0, cfg.vocab_size) and none.mrm_logits.shape == (0, 11)
+
+
 def test_output_attentions_shapes_and_probabilities() -> None:
     """co_attentions holds (B,H,T,R) and (B,H,R,T) rows summing to one, zero on padding; outputs unchanged."""
     torch.manual_seed(0)

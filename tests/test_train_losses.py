@@ -98,3 +98,68 @@ def test_refer_loss_excludes_padded_regions():
     mask = torch.tensor([[1, 1, 1, 0]])  # region 3 is padding with a huge wrong logit
     expected = _bce(0.0, 0.0) + _bce(1.0, 0.8) + _bce(-2.0, 0.0)
     assert refer_loss(logits, target, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pretraining_step_on_masked_positions_only_equals_the_full_computation():
+    """compute_losses runs the MLM/MRM heads on the masked positions only; losses and gradients equal the
+    heads over every position with the losses written out here (ignore_index CE, KL over masked regions)."""
+    import torch.nn.functional as F
+
+    from vilbert_core import ViLBERTConfig, ViLBERTForPretraining
+    from vilbert_core.training.masking import mask_regions, mask_tokens
+    from vilbert_core.training.tasks import MaskingSpec, compute_losses
+
+    cfg = ViLBERTConfig.preset("tiny", v_feature_norm="standardize")  # dropout 0.1 stays on
+    torch.manual_seed(0)
+    model = ViLBERTForPretraining(cfg).train()
+    model.set_feature_stats(torch.rand(cfg.v_feature_size), torch.rand(cfg.v_feature_size) + 0.5)
+    g = torch.Generator().manual_seed(0)
+    b, t, r = 6, 9, 7
+    attention_mask = (torch.arange(t) < torch.tensor([9, 5, 7, 9, 3, 8])[:, None]).long()
+    image_mask = (torch.arange(r) < torch.tensor([7, 4, 7, 2, 6, 7])[:, None]).long()
+    batch = {
+        "input_ids": torch.randint(5, cfg.vocab_size, (b, t), generator=g) * attention_mask,
+        "token_type_ids": torch.zeros(b, t, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "image_feat": torch.randn(b, r, cfg.v_feature_size, generator=g),
+        "image_loc": torch.rand(b, r, 5, generator=g),
+        "image_mask": image_mask,
+        "image_target": torch.softmax(torch.randn(b, r, cfg.v_target_size, generator=g), -1),
+        "align_label": torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]),
+    }
+    spec = dict(mask_token_id=4, vocab_size=cfg.vocab_size, special_token_ids=(0, 1, 2))
+
+    rows: dict[str, int] = {}
+    for name in ("mlm_head", "mrm_head"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, n=name: rows.__setitem__(n, i[0].shape[0]))
+    torch.manual_seed(5)
+    got = compute_losses(model, batch, "pretrain", MaskingSpec(**spec, generator=torch.Generator().manual_seed(3)))
+    heads_rows = dict(rows)
+    got["loss"].backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    # the same masks, drawn in the same order from the same seed; the heads over every position
+    mask_gen = torch.Generator().manual_seed(3)
+    ids, mlm_labels = mask_tokens(batch["input_ids"], attention_mask, generator=mask_gen, **spec)
+    feat, region_labels = mask_regions(batch["image_feat"], image_mask, generator=mask_gen)
+    torch.manual_seed(5)
+    out = model(**{**{k: batch[k] for k in ("token_type_ids", "attention_mask", "image_loc", "image_mask")},
+                   "input_ids": ids, "image_feat": feat})  # fmt: skip
+    aligned = batch["align_label"].bool()[:, None]
+    labels = mlm_labels.masked_fill(~aligned, -100)
+    exp_mlm = F.cross_entropy(out.mlm_logits.reshape(-1, cfg.vocab_size), labels.reshape(-1), ignore_index=-100)
+    picked = (region_labels == 1) & aligned
+    p = batch["image_target"]
+    kl = (p * (p.log() - out.mrm_logits.log_softmax(-1))).sum(-1)
+    exp_mrm = (kl * picked).sum() / picked.sum()
+    exp_align = F.binary_cross_entropy_with_logits(out.align_logit, batch["align_label"])
+    expected = exp_mlm + exp_mrm + exp_align
+    expected.backward()
+    assert int((labels != -100).sum()) > 3 and int(picked.sum()) > 1  # the test really masks something
+    # the heads saw only the scored positions: masked tokens / regions of aligned pairs
+    assert heads_rows == {"mlm_head": int((labels != -100).sum()), "mrm_head": int(picked.sum())}
+    for name, value in (("mlm", exp_mlm), ("mrm", exp_mrm), ("align", exp_align), ("loss", expected)):
+        torch.testing.assert_close(got[name].detach(), value.detach(), atol=1e-6, rtol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got_grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -133,6 +133,20 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data):
         torch.testing.assert_close(ma[name], mb[name], rtol=1e-6, atol=1e-7)
 
 
+def test_activation_checkpointing_trains_exactly_the_same_model(tmp_path, data):
+    """--activation-checkpointing recomputes activations in backward: same losses and weights (dropout on)."""
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"ckpt_{on}"
+        run_train(_args(data, out, steps=3, checkpoint_every=10, activation_checkpointing=on))
+        runs[on] = (read_metrics(out / "metrics.jsonl"), ViLBERTForPretraining.from_pretrained(out).state_dict())
+    for ra, rb in zip(runs[False][0], runs[True][0], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7), ra["step"]
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "ckpt_True" / "train_args.json").read_text())["activation_checkpointing"] is True
+
+
 def _nan_factory(args: TrainArgs, at_batch: int):
     """The real loader with NaN region features from batch `at_batch` on."""
     real = default_loader_factory(args, DistContext())

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import ViLBERTConfig
@@ -196,9 +197,11 @@ class ViLBERTSelfAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(dims.width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(dims.hidden_dropout)
 
-    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
-        """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W)."""
-        q = _split_heads(self.query(hidden), self.heads)
+    def forward(self, hidden: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B,S,W) states, (B,1,1,S) bool keep mask -> (B,S,W), or (B,1,W) for the first position only."""
+        # first_only: position 0 ([CLS] / [IMG]) queries every position; the others' outputs are not needed
+        queries = hidden[:, :1] if first_only else hidden
+        q = _split_heads(self.query(queries), self.heads)
         k = _split_heads(self.key(hidden), self.heads)
         v = _split_heads(self.value(hidden), self.heads)
         context, _ = attend(
@@ -209,7 +212,7 @@ class ViLBERTSelfAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             implementation=self.config.attn_implementation,
         )
-        return self.layer_norm(hidden + self.dropout(self.output(_merge_heads(context))))
+        return self.layer_norm(queries + self.dropout(self.output(_merge_heads(context))))
 
 
 class ViLBERTFeedForward(nn.Module):
@@ -237,9 +240,9 @@ class ViLBERTLayer(nn.Module):
         self.attention = ViLBERTSelfAttention(config, dims)
         self.ffn = ViLBERTFeedForward(config, dims)
 
-    def forward(self, hidden: Tensor, keep: Tensor | None) -> Tensor:
-        """(B,S,W) -> (B,S,W)."""
-        return self.ffn(self.attention(hidden, keep))
+    def forward(self, hidden: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B,S,W) -> (B,S,W), or (B,1,W) for the first position only."""
+        return self.ffn(self.attention(hidden, keep, first_only))
 
 
 # ----------------------------------------------------------------------------- co-attention
@@ -355,8 +358,8 @@ class ViLBERTModelOutput:
 class ViLBERTPretrainingOutput(ViLBERTModelOutput):
     """Backbone outputs plus the pretraining heads' logits."""
 
-    mlm_logits: Tensor  # (B,T,vocab)
-    mrm_logits: Tensor  # (B,R,v_target_size)
+    mlm_logits: Tensor  # (B,T,vocab), or (N,vocab) for the N tokens of mlm_positions
+    mrm_logits: Tensor  # (B,R,v_target_size), or (N,v_target_size) for the regions of mrm_positions
     align_logit: Tensor  # (B,) log-odds that text and image match
 
 
@@ -408,7 +411,13 @@ def _check_inputs(
 
 
 class ViLBERTModel(nn.Module):
-    """Two-stream backbone: embeddings, text/visual layers interleaved with co-attention, poolers."""
+    """Two-stream backbone: embeddings, text/visual layers interleaved with co-attention, poolers.
+
+    forward() runs three stages that scoring many (text, image) pairs can also call apart:
+    `embed_text` (text embeddings and the text layers before the first co-attention layer: they see
+    only the text), `embed_image` (region embeddings and the visual layers before the first
+    co-attention layer: only the image), and `fuse` (everything from the first co-attention layer on).
+    """
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__()
@@ -424,6 +433,9 @@ class ViLBERTModel(nn.Module):
         self.co_layers = nn.ModuleList(ViLBERTCoLayer(config) for _ in range(config.num_co_layers))
         self.text_pooler = ViLBERTPooler(config.hidden_size, config.bi_hidden_size)
         self.visual_pooler = ViLBERTPooler(config.v_hidden_size, config.bi_hidden_size)
+        # recompute each layer's activations in the backward pass instead of keeping them (less memory
+        # for long sequences, about a third more compute); set by ViLBERTPreTrainedModel.gradient_checkpointing_enable
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -441,30 +453,90 @@ class ViLBERTModel(nn.Module):
         )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # an omitted mask means no padding: attention then runs without a bias
-        text_keep, image_keep = _keep_mask(attention_mask), _keep_mask(image_mask)
-
+        # both embeddings, then each stream's layers before co-attention: the order of the layer schedule,
+        # which fixes the order of dropout draws
         text = self.embeddings(input_ids, token_type_ids)  # (B,T,hidden)
-        image = self.image_embeddings(image_feat.to(text.dtype), image_loc.to(text.dtype))  # (B,R,v_hidden)
+        image = self._embed_regions(image_feat, image_loc)  # (B,R,v_hidden)
+        text = self._layers_before_co_attention(text, attention_mask, visual=False)
+        image = self._layers_before_co_attention(image, image_mask, visual=True)
+        return self.fuse(text, image, attention_mask, image_mask, output_attentions)
+
+    def embed_text(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B,T) ids -> (B,T,hidden): text embeddings and the text layers before the first co-attention layer."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self._layers_before_co_attention(self.embeddings(input_ids, token_type_ids), attention_mask, visual=False)
+
+    def embed_image(self, image_feat: Tensor, image_loc: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """(B,R,D) features, (B,R,5) boxes -> (B,R,v_hidden): region embeddings and the visual layers before co-attention."""
+        return self._layers_before_co_attention(self._embed_regions(image_feat, image_loc), image_mask, visual=True)
+
+    def _embed_regions(self, image_feat: Tensor, image_loc: Tensor) -> Tensor:
+        """Region embeddings in the text stream's dtype (a bf16 model takes bf16 regions)."""
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        return self.image_embeddings(image_feat.to(dtype), image_loc.to(dtype))
+
+    def _layers_before_co_attention(self, hidden: Tensor, mask: Tensor | None, visual: bool) -> Tensor:
+        """Run one stream's layers that come before the first co-attention layer (they see that stream only)."""
+        n_text, n_visual = self._first_co_layer_inputs()
+        layers = self.visual_layers[:n_visual] if visual else self.text_layers[:n_text]
+        keep = _keep_mask(mask)  # an omitted mask means no padding: attention then runs without a bias
+        for layer in layers:
+            hidden = self._run(layer, hidden, keep)
+        return hidden
+
+    def _first_co_layer_inputs(self) -> tuple[int, int]:
+        """How many text and visual layers run before the first co-attention layer (all, without one)."""
+        if not self.config.t_biattention_id:
+            return self.config.num_hidden_layers, self.config.v_num_hidden_layers
+        return self.config.t_biattention_id[0], self.config.v_biattention_id[0]
+
+    def _run(self, layer: nn.Module, *args: Any) -> Any:
+        """Call a layer, through activation checkpointing when it is on and gradients are being taken."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # non-reentrant checkpointing restores the RNG state, so dropout masks match the first pass
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def fuse(
+        self,
+        text: Tensor,
+        image: Tensor,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        pooled_only: bool = False,
+    ) -> ViLBERTModelOutput:
+        """embed_text's (B,T,hidden) and embed_image's (B,R,v_hidden) -> final states and pooled vectors.
+
+        pooled_only: each stream's last layer after the last co-attention layer computes only what the
+        poolers read, the [CLS] token and the [IMG] region (text_hidden, visual_hidden are then (B,1,...)).
+        """
+        text_keep, image_keep = _keep_mask(attention_mask), _keep_mask(image_mask)
         co_attentions: list[tuple[Tensor, Tensor]] = []
-        t_start = v_start = 0
+        t_start, v_start = self._first_co_layer_inputs()
         # Co-attention layer k follows text layer t_biattention_id[k]-1 and visual layer v_biattention_id[k]-1.
         for k, (v_end, t_end) in enumerate(
             zip(self.config.v_biattention_id, self.config.t_biattention_id, strict=True)
         ):
             for layer in self.text_layers[t_start:t_end]:
-                text = layer(text, text_keep)
+                text = self._run(layer, text, text_keep)
             for layer in self.visual_layers[v_start:v_end]:
-                image = layer(image, image_keep)
+                image = self._run(layer, image, image_keep)
             if self.config.with_coattention:
-                image, text, probs = self.co_layers[k](image, image_keep, text, text_keep, output_attentions)
+                image, text, probs = self._run(
+                    self.co_layers[k], image, image_keep, text, text_keep, output_attentions
+                )
                 if probs is not None:
                     co_attentions.append(probs)
             t_start, v_start = t_end, v_end
-        for layer in self.visual_layers[v_start:]:
-            image = layer(image, image_keep)
-        for layer in self.text_layers[t_start:]:
-            text = layer(text, text_keep)
+        last_v, last_t = len(self.visual_layers) - 1, len(self.text_layers) - 1
+        for i, layer in enumerate(self.visual_layers[v_start:], v_start):
+            image = self._run(layer, image, image_keep, pooled_only and i == last_v)
+        for i, layer in enumerate(self.text_layers[t_start:], t_start):
+            text = self._run(layer, text, text_keep, pooled_only and i == last_t)
 
         text_pooled = self.text_pooler(text)  # (B,bi_hidden) from [CLS]
         visual_pooled = self.visual_pooler(image)  # (B,bi_hidden) from [IMG]
@@ -621,6 +693,10 @@ class ViLBERTPreTrainedModel(nn.Module):
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {implementation!r}")
         self.config.attn_implementation = implementation
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute every layer's activations during backward instead of storing them (memory for compute)."""
+        self.vilbert.gradient_checkpointing = enable
 
     def set_feature_stats(self, mean: Tensor | Any, std: Tensor | Any) -> None:
         """Set the per-dimension mean and std that a v_feature_norm="standardize" model standardises with."""
@@ -791,17 +867,32 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
         attention_mask: Tensor | None = None,
         image_mask: Tensor | None = None,
         output_attentions: bool = False,
+        mlm_positions: Tensor | None = None,
+        mrm_positions: Tensor | None = None,
     ) -> ViLBERTPretrainingOutput:
-        """Backbone plus MLM (B,T,vocab), MRM (B,R,v_target) and alignment (B,) logits."""
+        """Backbone plus MLM (B,T,vocab), MRM (B,R,v_target) and alignment (B,) logits.
+
+        mlm_positions (B,T) / mrm_positions (B,R), boolean: predict only those tokens / regions; the
+        logits are then (N,vocab) / (N,v_target) for the N chosen positions in row-major order. Training
+        scores only the masked ~15%, and the 30522-way decoder over every token would be a tenth of the step.
+        """
         base = self.vilbert(
             input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, output_attentions
         )
+        text, regions = base.text_hidden, base.visual_hidden
         return ViLBERTPretrainingOutput(
             **_fields(base),
-            mlm_logits=self.mlm_head(base.text_hidden),
-            mrm_logits=self.mrm_head(base.visual_hidden),
+            mlm_logits=self.mlm_head(text if mlm_positions is None else text[mlm_positions.bool()]),
+            mrm_logits=self.mrm_head(regions if mrm_positions is None else regions[mrm_positions.bool()]),
             align_logit=self.align_head(self.dropout(base.pooled)).squeeze(-1),
         )
+
+    def score_pairs(
+        self, text: Tensor, image: Tensor, attention_mask: Tensor | None = None, image_mask: Tensor | None = None
+    ) -> Tensor:
+        """Alignment logits (B,) from `vilbert.embed_text` and `vilbert.embed_image` outputs (zero-shot retrieval)."""
+        base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
+        return self.align_head(self.dropout(base.pooled)).squeeze(-1)
 
 
 class ViLBERTForTasks(ViLBERTPreTrainedModel):
@@ -847,6 +938,17 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
             pair_logit=self.pair_head(pooled).squeeze(-1),
             region_logits=region_logits,
         )
+
+    def score_pairs(
+        self, text: Tensor, image: Tensor, attention_mask: Tensor | None = None, image_mask: Tensor | None = None
+    ) -> Tensor:
+        """Pair logits (B,) from `vilbert.embed_text` and `vilbert.embed_image` outputs (retrieval, VCR).
+
+        Equal to forward()'s pair_logit; scoring C texts against one image, or one caption against
+        many images, computes each side's part before co-attention once instead of once per pair.
+        """
+        base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
+        return self.pair_head(self.dropout(base.pooled)).squeeze(-1)
 
 
 def _fields(output: ViLBERTModelOutput) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.writers import atomic_write_json, check_out_dir, make_out_dir
+from vilbert_core.training.tasks import vcr_pair_logits
 from vilbert_core.training.trainer import SHARD_TASK  # the shard task each task reads
 
 from .baselines import QuestionPrior, iter_task_records, refcoco_chance, retrieval_chance, vcr_chance
@@ -276,16 +277,12 @@ def _vcr_pass(
     labels: dict[str, dict[str, int]] = {}
     bar = tqdm(desc="vcr, images shuffled" if swap_images else "vcr", unit="q", disable=not progress)
     for batch in _batches(loaded, data_dir, "vcr", batch_size, 0, num_workers, swap_images):
-        b, c, t = batch["input_ids"].shape  # (B,4,T); image tensors (B,R,...) shared by the 4 choices
-        inputs = {k: batch[k].reshape(b * c, t) for k in MODEL_KEYS[:3]}
-        for k in MODEL_KEYS[3:]:
-            inputs[k] = batch[k].repeat_interleave(c, dim=0)
-        p = loaded.model(**inputs).pair_logit.float().view(b, c).softmax(-1)  # (B,4)
+        p = vcr_pair_logits(loaded.model, batch).float().softmax(-1)  # (B,4)
         for aid, stage, row, lab in zip(batch["annot_id"], batch["vcr_stage"], p.tolist(), batch["label"].tolist(),
                                         strict=True):  # fmt: skip
             probs.setdefault(aid, {})[stage] = row
             labels.setdefault(aid, {})[stage] = lab
-        bar.update(b)
+        bar.update(p.shape[0])
     bar.close()
     return probs, labels
 
@@ -423,6 +420,7 @@ def eval_pretrain(
     Masking follows training (15% of tokens 80/10/10, 15% of regions 90% zeroed) from a generator
     seeded with `seed`; as in training, misaligned pairs are not scored for MLM and MRM.
     """
+    from vilbert_core.training.losses import pretraining_positions
     from vilbert_core.training.masking import IGNORE_INDEX, mask_regions, mask_tokens
 
     _require_kind(loaded, "pretrain")
@@ -442,18 +440,19 @@ def eval_pretrain(
             special_token_ids=(tok.pad_id, tok.cls_id, tok.sep_id), generator=gen,
         )  # fmt: skip
         feat, region_labels = mask_regions(batch["image_feat"], batch["image_mask"], generator=gen)
-        mlm_labels = mlm_labels.masked_fill(~aligned[:, None], IGNORE_INDEX)
-        masked_regions = (region_labels == 1) & aligned[:, None]
-        inputs = {**_inputs(batch), "input_ids": ids, "image_feat": feat}
-        out = loaded.model(**inputs)
-        if out.mrm_logits.shape[-1] != batch["image_target"].shape[-1]:
+        classes = loaded.model.config.v_target_size
+        if classes != batch["image_target"].shape[-1]:
             raise EvalError(
-                f"the model predicts {out.mrm_logits.shape[-1]} region classes but the shards' detector "
+                f"the model predicts {classes} region classes but the shards' detector "
                 f"distributions have {batch['image_target'].shape[-1]}"
             )
+        # the MLM / MRM heads run only on the scored positions: masked tokens and regions of aligned pairs
+        tokens, regions = pretraining_positions(mlm_labels, region_labels, aligned)
+        inputs = {**_inputs(batch), "input_ids": ids, "image_feat": feat}
+        out = loaded.model(**inputs, mlm_positions=tokens, mrm_positions=regions)
         for total, part in (
-            (sums_tok, masked_token_stats(out.mlm_logits, mlm_labels, IGNORE_INDEX)),
-            (sums_reg, masked_region_kl_stats(out.mrm_logits, batch["image_target"], masked_regions)),
+            (sums_tok, masked_token_stats(out.mlm_logits, mlm_labels[tokens], IGNORE_INDEX)),
+            (sums_reg, masked_region_kl_stats(out.mrm_logits, batch["image_target"][regions], regions[regions])),
             (sums_al, alignment_stats(out.align_logit, batch["align_label"])),
         ):
             for k, v in part.items():
@@ -545,36 +544,53 @@ def score_all_pairs(
     text: dict[str, torch.Tensor],
     batch_size: int,
     progress: bool = True,
+    caption_chunk: int = 1024,
 ) -> torch.Tensor:
     """Score every (image, caption) pair -> (N_img, N_cap) on the CPU, in batches of pairs.
 
     Fine-tuned models score with the pair head; pretraining models (zero-shot) with the alignment head.
+    What depends on one side only is computed once: each image's region embedding and visual layers
+    before co-attention (`embed_image`), each caption's text layers before co-attention (`embed_text`,
+    `caption_chunk` captions at a time to bound memory); each pair then runs only the co-attention part
+    (`score_pairs`). The scores equal the full forward pass's to float rounding (tested).
     The cost grows as images x captions, so the progress bar counts pairs and shows the ETA.
     """
     n_img, n_cap = images["image_feat"].shape[0], text["input_ids"].shape[0]
-    scores = torch.empty(n_img * n_cap, dtype=torch.float32)
-    dev = loaded.device
-    images = {k: v.to(dev) for k, v in images.items()}
-    text = {k: v.to(dev) for k, v in text.items()}
-    head = "align_logit" if loaded.kind == "pretraining" else "pair_logit"
-    with tqdm(
-        total=n_img * n_cap, desc=f"retrieval {n_img}x{n_cap}", unit="pair", disable=not progress
-    ) as bar:
-        for start in range(0, n_img * n_cap, batch_size):
-            pair = torch.arange(start, min(start + batch_size, n_img * n_cap), device=dev)
-            img, cap = pair // n_cap, pair % n_cap  # image-major order: flat index = img * n_cap + cap
-            inputs = {k: v[cap] for k, v in text.items()} | {k: v[img] for k, v in images.items()}
-            # trim padding shared by the whole batch: fewer tokens and regions, same scores
-            t = int(inputs["attention_mask"].sum(1).max())
-            r = int(inputs["image_mask"].sum(1).max())
-            inputs = {k: (v[:, :t] if k in MODEL_KEYS[:3] else v[:, :r]) for k, v in inputs.items()}
-            for k in ("attention_mask", "image_mask"):
-                if bool(inputs[k].all()):
-                    inputs[k] = None  # no padding left: the model may use its fastest unmasked attention
-            out = loaded.model(**inputs)
-            scores[start : start + pair.numel()] = getattr(out, head).float().cpu()
-            bar.update(pair.numel())
-    return scores.view(n_img, n_cap)
+    scores = torch.empty(n_img, n_cap, dtype=torch.float32)
+    dev, model = loaded.device, loaded.model
+    image_mask = images["image_mask"].to(dev)
+    region_counts = image_mask.sum(1)
+    # (N_img, R, v_hidden): once per image
+    image_states = torch.cat(
+        [
+            model.vilbert.embed_image(*(images[k][i : i + batch_size].to(dev) for k in MODEL_KEYS[3:]))
+            for i in range(0, n_img, batch_size)
+        ]
+    )
+    with tqdm(total=n_img * n_cap, desc=f"retrieval {n_img}x{n_cap}", unit="pair", disable=not progress) as bar:
+        for c0 in range(0, n_cap, caption_chunk):
+            chunk = {k: v[c0 : c0 + caption_chunk].to(dev) for k, v in text.items()}
+            n = chunk["input_ids"].shape[0]
+            # (n, T, hidden): once per caption
+            text_states = torch.cat(
+                [
+                    model.vilbert.embed_text(*(chunk[k][i : i + batch_size] for k in MODEL_KEYS[:3]))
+                    for i in range(0, n, batch_size)
+                ]
+            )
+            token_counts = chunk["attention_mask"].sum(1)
+            for start in range(0, n_img * n, batch_size):
+                pair = torch.arange(start, min(start + batch_size, n_img * n), device=dev)
+                img, cap = pair // n, pair % n  # image-major within the chunk
+                # trim padding shared by the whole batch: fewer tokens and regions, same scores
+                t, r = int(token_counts[cap].max()), int(region_counts[img].max())
+                masks = [chunk["attention_mask"][cap, :t], image_mask[img, :r]]
+                # no padding left: the model may use its fastest unmasked attention
+                masks = [None if bool(m.all()) else m for m in masks]
+                logits = model.score_pairs(text_states[cap, :t], image_states[img, :r], *masks)
+                scores[img.cpu(), (c0 + cap).cpu()] = logits.float().cpu()
+                bar.update(pair.numel())
+    return scores
 
 
 def eval_retrieval(

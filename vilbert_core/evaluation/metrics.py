@@ -324,7 +324,8 @@ def retrieval_metrics(
 def masked_token_stats(mlm_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> dict:
     """Sums for masked-token accuracy and perplexity over the labelled positions of one batch.
 
-    mlm_logits: (B,T,V); labels: (B,T) with `ignore_index` where no token was masked.
+    mlm_logits: (...,V); labels: (...) with `ignore_index` where no token was masked (e.g. (B,T,V) and
+    (B,T), or only the predicted tokens' (N,V) and (N,)).
     Returns {"correct", "nll", "count"}: accuracy = correct / count, perplexity = exp(nll / count).
     """
     keep = labels != ignore_index
@@ -340,7 +341,8 @@ def masked_token_stats(mlm_logits: torch.Tensor, labels: torch.Tensor, ignore_in
 def masked_region_kl_stats(mrm_logits: torch.Tensor, target_prob: torch.Tensor, masked: torch.Tensor) -> dict:
     """Sum of KL(detector distribution || softmax(MRM logits)) over masked regions, and their count.
 
-    mrm_logits, target_prob: (B,R,C); masked: (B,R) 1 where the region was masked.
+    mrm_logits, target_prob: (...,C); masked: (...) 1 where the region was masked (e.g. (B,R,C) and (B,R),
+    or only the predicted regions' (N,C) and (N,)).
     Terms with target probability 0 contribute 0 (the 0 log 0 = 0 convention).
     """
     m = masked.bool()

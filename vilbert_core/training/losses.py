@@ -20,7 +20,7 @@ def _zero_like_graph(t: torch.Tensor) -> torch.Tensor:
 
 def mlm_loss(mlm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled tokens (labels -100 elsewhere); 0 when none is labelled."""
-    # mlm_logits: (B, T, V); labels: (B, T)
+    # mlm_logits: (B, T, V) with labels (B, T), or only the predicted tokens: (N, V) with labels (N,)
     flat_labels = labels.reshape(-1)
     if not (flat_labels != IGNORE_INDEX).any():
         return _zero_like_graph(mlm_logits)
@@ -32,7 +32,8 @@ def mrm_loss(
     mrm_logits: torch.Tensor, image_target: torch.Tensor, region_labels: torch.Tensor
 ) -> torch.Tensor:
     """KL(detector class distribution || softmax(logits)) summed over masked regions / number masked."""
-    # mrm_logits, image_target: (B, R, C); region_labels: (B, R), 1 = masked, -100 elsewhere
+    # mrm_logits, image_target: (B, R, C) with region_labels (B, R), 1 = masked, -100 elsewhere; or only
+    # the predicted regions: (N, C) with labels (N,)
     masked = region_labels == 1
     n_masked = masked.sum()
     if n_masked == 0:
@@ -48,6 +49,14 @@ def alignment_loss(align_logit: torch.Tensor, align_label: torch.Tensor) -> torc
     return F.binary_cross_entropy_with_logits(align_logit.float(), align_label.float())
 
 
+def pretraining_positions(
+    mlm_labels: torch.Tensor, region_labels: torch.Tensor, align_label: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,T) tokens and (B,R) regions that carry an MLM / MRM loss: masked ones of aligned pairs only."""
+    aligned = align_label.bool().unsqueeze(-1)  # (B, 1): misaligned pairs contribute no MLM or MRM loss
+    return (mlm_labels != IGNORE_INDEX) & aligned, (region_labels == 1) & aligned
+
+
 def pretraining_losses(
     out: object,
     mlm_labels: torch.Tensor,
@@ -55,13 +64,17 @@ def pretraining_losses(
     image_target: torch.Tensor,
     align_label: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """MLM, MRM and alignment losses and their sum; misaligned pairs contribute no MLM or MRM loss."""
-    aligned = align_label.bool()  # (B,)
-    mlm_labels = mlm_labels.masked_fill(~aligned.unsqueeze(-1), IGNORE_INDEX)
-    region_labels = region_labels.masked_fill(~aligned.unsqueeze(-1), IGNORE_INDEX)
+    """MLM, MRM and alignment losses and their sum; misaligned pairs contribute no MLM or MRM loss.
+
+    out.mlm_logits / out.mrm_logits cover every position, (B,T,V) / (B,R,C), or only the positions of
+    pretraining_positions(), (N,V) / (M,C), as the model computes them when given those positions.
+    """
+    tokens, regions = pretraining_positions(mlm_labels, region_labels, align_label)
+    mlm_logits = out.mlm_logits[tokens] if out.mlm_logits.dim() == 3 else out.mlm_logits
+    mrm_logits = out.mrm_logits[regions] if out.mrm_logits.dim() == 3 else out.mrm_logits
     losses = {
-        "mlm": mlm_loss(out.mlm_logits, mlm_labels),
-        "mrm": mrm_loss(out.mrm_logits, image_target, region_labels),
+        "mlm": mlm_loss(mlm_logits, mlm_labels[tokens]),
+        "mrm": mrm_loss(mrm_logits, image_target[regions], region_labels[regions]),
         "align": alignment_loss(out.align_logit, align_label),
     }
     losses["loss"] = losses["mlm"] + losses["mrm"] + losses["align"]

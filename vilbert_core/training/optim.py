@@ -6,7 +6,7 @@ initialised from BERT can train at a smaller learning rate (the reference uses 0
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -68,11 +68,41 @@ def build_optimizer(
     bert_param_names: Collection[str] = (),
     bert_lr_mult: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW over parameter_groups(); betas 0.9/0.98 as the reference."""
+    """AdamW over parameter_groups(); betas 0.9/0.98 as the reference; the fused kernel on CPUs and GPUs."""
     groups = parameter_groups(
         model, lr=lr, weight_decay=weight_decay, bert_param_names=bert_param_names, bert_lr_mult=bert_lr_mult
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    # fused: one kernel per parameter tensor with no temporaries (the for-loop kernel allocates a
+    # parameter-sized one per tensor, the multi-tensor "foreach" one copies of all of them at once)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """Apply each parameter's update as soon as backward has its gradient, and free that gradient.
+
+    The full set of gradients (as large as the parameters) then never exists at once. The updates
+    equal optimizer.step() after backward, so this is only for loops that step once per backward and
+    do nothing to the gradients in between: no global-norm clipping (it needs every gradient first),
+    no gradient accumulation, no DistributedDataParallel, no fp16 loss scaling. Returns a function
+    that removes the hooks.
+    """
+
+    def apply(param: torch.Tensor) -> None:
+        # every other parameter has no gradient at this point (not computed yet, or applied and freed),
+        # so step() updates this one alone, with its own state, group and learning rate
+        optimizer.step()
+        param.grad = None
+
+    handles = [
+        p.register_post_accumulate_grad_hook(apply) for g in optimizer.param_groups for p in g["params"]
+    ]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
 
 
 def warmup_linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:

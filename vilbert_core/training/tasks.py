@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import multiple_choice_loss, pretraining_losses, refer_loss, vqa_loss
+from .losses import multiple_choice_loss, pretraining_losses, pretraining_positions, refer_loss, vqa_loss
 from .masking import mask_regions, mask_tokens
 
 TASKS = ("pretrain", "vqa", "vcr", "refcoco", "retrieval")
@@ -57,6 +57,20 @@ def _flatten_candidates(batch: dict[str, Any], task: str) -> tuple[dict[str, tor
     return inputs, c
 
 
+def vcr_pair_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, C) pair logits of a VCR batch: C texts (B, C, T) against each question's one image.
+
+    The image's embedding and visual layers before co-attention run once per question, not once per
+    choice (`embed_image`); the same logits as the model's forward on the image repeated C times.
+    """
+    b, c, t = batch["input_ids"].shape
+    text = {k: batch[k].reshape(b * c, t) for k in TEXT_KEYS}
+    image = model.vilbert.embed_image(*(batch[k] for k in IMAGE_KEYS)).repeat_interleave(c, dim=0)
+    text_states = model.vilbert.embed_text(text["input_ids"], text["token_type_ids"], text["attention_mask"])
+    image_mask = batch["image_mask"].repeat_interleave(c, dim=0)
+    return model.score_pairs(text_states, image, text["attention_mask"], image_mask).view(b, c)
+
+
 def compute_losses(
     model: nn.Module, batch: dict[str, Any], task: str, masking: MaskingSpec | None = None
 ) -> dict[str, torch.Tensor]:
@@ -76,7 +90,9 @@ def compute_losses(
             batch["image_feat"], batch["image_mask"], generator=masking.generator
         )
         inputs = {**_model_inputs(batch), "input_ids": input_ids, "image_feat": image_feat}
-        out = model(**inputs)
+        # the heads run only where a loss is taken: masked tokens and regions of aligned pairs
+        tokens, regions = pretraining_positions(mlm_labels, region_labels, batch["align_label"])
+        out = model(**inputs, mlm_positions=tokens, mrm_positions=regions)
         return pretraining_losses(out, mlm_labels, region_labels, batch["image_target"], batch["align_label"])
     if task == "vqa":
         out = model(**_model_inputs(batch))
@@ -107,14 +123,19 @@ class TaskLossModule(nn.Module):
 def validation_scores(model: nn.Module, batch: dict[str, Any], task: str) -> torch.Tensor:
     """Per-sample validation score in [0, 1] (higher is better); for pretraining the alignment accuracy."""
     if task == "pretrain":
-        out = model(**_model_inputs(batch))
+        # only the alignment head is scored: no token or region goes through the MLM / MRM heads
+        no_tokens = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        no_regions = torch.zeros_like(batch["image_mask"], dtype=torch.bool)
+        out = model(**_model_inputs(batch), mlm_positions=no_tokens, mrm_positions=no_regions)
         return ((out.align_logit > 0).float() == batch["align_label"].float()).float()
     if task == "vqa":
         # VQA soft accuracy: the soft score of the predicted answer
         out = model(**_model_inputs(batch))
         pred = out.vqa_logits.argmax(-1, keepdim=True)
         return batch["vqa_target"].gather(1, pred).squeeze(1).float()
-    if task in ("vcr", "retrieval"):
+    if task == "vcr":
+        return (vcr_pair_logits(model, batch).argmax(-1) == batch["label"]).float()
+    if task == "retrieval":
         inputs, c = _flatten_candidates(batch, task)
         out = model(**inputs)
         return (out.pair_logit.view(-1, c).argmax(-1) == batch["label"]).float()

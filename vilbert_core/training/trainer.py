@@ -55,6 +55,7 @@ from .distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from .memory import return_freed_memory_to_os
 from .metrics_log import MetricsLog, plot_curves
 from .optim import build_optimizer, warmup_linear_schedule
 from .tasks import TASKS, MaskingSpec, TaskLossModule, batch_size_of, batch_to_device, validation_scores
@@ -122,6 +123,7 @@ class TrainArgs:
     # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
     feature_norm: str | None = None
     clip_grad: float = 1.0
+    activation_checkpointing: bool = False  # recompute layer activations in backward: memory for compute
     precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     resume: bool = False
@@ -675,6 +677,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         bert_names = set(state.get("bert_param_names", []))
     model.to(ctx.device)
     model.train()
+    model.gradient_checkpointing_enable(args.activation_checkpointing)
+    return_freed_memory_to_os()  # freed activations and gradients go back to the OS (BENCHMARKS.md)
     optimizer = build_optimizer(
         model,
         lr=args.lr,
