@@ -85,8 +85,9 @@ def model_only(task_dir: Path, vocab: Path, config: str, args: argparse.Namespac
     from pipelines.datasets import make_loader
     from pipelines.tokenization import TextTokenizer
     from vilbert_core import ViLBERTForPretraining
+    from vilbert_core.batches import batch_to_device
     from vilbert_core.training.optim import build_optimizer
-    from vilbert_core.training.tasks import TaskLossModule, batch_to_device
+    from vilbert_core.training.tasks import TaskLossModule
     from vilbert_core.training.trainer import (
         TrainArgs,
         autocast_context,

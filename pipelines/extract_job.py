@@ -25,12 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.folder_lock import FolderLock, FolderLockedError
-from pipelines.planner import SHARD_PREFIX, inputs_fingerprint, plan_shards, read_shard_stats, split_done
-from pipelines.sources import list_sources
-from pipelines.writers import (
-    DTYPES,
-    STATS_SUFFIX,
+from extract.config import FEATURE_DIMS
+from pipelines.fileio import (
     DiskFullError,
     atomic_write_json,
     check_out_dir,
@@ -39,17 +35,24 @@ from pipelines.writers import (
     make_out_dir,
     remove_stale_temps,
 )
+from pipelines.folder_lock import FolderLock, FolderLockedError
+from pipelines.formats.features import (
+    DATASET_FILE,
+    DTYPES,
+    FEATURES_FORMAT,
+    FEATURES_VERSION,
+    SHARD_PREFIX,
+    STATS_SUFFIX,
+)
+from pipelines.planner import inputs_fingerprint, plan_shards, read_shard_stats, split_done
+from pipelines.sources import list_sources
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3
 
-FORMAT = "vilbert-data/features"
-VERSION = 1
-FEATURE_DIMS = {"res4": 1024, "res5": 2048}
 JOB_FILE = "_job.json"
-DATASET_FILE = "dataset.json"
 GPU_BATCH_SIZE = 4  # default --batch-size on GPUs; on CPUs batching gains nothing, so 1
 
 
@@ -437,8 +440,8 @@ def dataset_json(
         "shard_retries": report.shard_retries if report else 0,
     }
     return {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": FEATURES_FORMAT,
+        "version": FEATURES_VERSION,
         "feature_layer": opts.feature_layer,
         "feature_dim": int(info.get("feature_dim", FEATURE_DIMS[opts.feature_layer])),
         "dtype": opts.dtype,
