@@ -59,3 +59,8 @@ def autocast(precision: str | None, device_type: str) -> contextlib.AbstractCont
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def autocast_setting(precision: str | None) -> str | None:
+    """The detector's `DetectorConfig.autocast` for a --precision: None for fp32, else the precision itself."""
+    return None if precision in (None, "fp32") else precision
