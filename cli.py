@@ -14,6 +14,10 @@ from typing import Any, NoReturn
 
 import typer
 
+from extract.config import DetectorConfig  # the detector's defaults are the extract command's
+from extract.devices import PRECISIONS
+from pipelines.tokenization import MAX_TEXT_LEN
+
 app = typer.Typer(
     name="vilbert-data",
     help=(
@@ -93,14 +97,18 @@ def extract_cmd(
         "--weights",
         help="Detector checkpoint (.pth/.bin/.pkl). Omitted: RANDOM weights, previews only.",
     ),
-    feature_layer: str = typer.Option("res4", "--feature-layer", help="res4 (1024-d) or res5 (2048-d)."),
-    min_boxes: int = typer.Option(10, "--min-boxes", help="Fewest regions kept per image."),
-    max_boxes: int = typer.Option(36, "--max-boxes", help="Most regions kept per image."),
-    conf_thresh: float = typer.Option(
-        0.2, "--conf-thresh", help="Keep regions whose best class score is above."
+    feature_layer: str = typer.Option(
+        DetectorConfig.feature_layer, "--feature-layer", help="res4 (1024-d) or res5 (2048-d)."
     ),
-    min_size: int = typer.Option(600, "--min-size", help="Short side of the detector input."),
-    max_size: int = typer.Option(1000, "--max-size", help="Cap on the long side of the detector input."),
+    min_boxes: int = typer.Option(DetectorConfig.min_boxes, "--min-boxes", help="Fewest regions kept per image."),
+    max_boxes: int = typer.Option(DetectorConfig.max_boxes, "--max-boxes", help="Most regions kept per image."),
+    conf_thresh: float = typer.Option(
+        DetectorConfig.conf_thresh, "--conf-thresh", help="Keep regions whose best class score is above."
+    ),
+    min_size: int = typer.Option(DetectorConfig.min_size, "--min-size", help="Short side of the detector input."),
+    max_size: int = typer.Option(
+        DetectorConfig.max_size, "--max-size", help="Cap on the long side of the detector input."
+    ),
     dtype: str = typer.Option("float16", "--dtype", help="Storage of features/cls_prob: float16 or float32."),
     batch_size: int | None = typer.Option(
         None,
@@ -125,14 +133,17 @@ def extract_cmd(
     ),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N images (sorted)."),
     depth: int = typer.Option(
-        101, "--depth", help="ResNet depth, 101 or 50 (50 + random weights: fast preview)."
+        DetectorConfig.depth, "--depth", help="ResNet depth, 101 or 50 (50 + random weights: fast preview)."
     ),
     max_proposals: int | None = typer.Option(
-        None, "--max-proposals", help="RPN proposals kept after NMS (default 300); fewer is faster."
+        None,
+        "--max-proposals",
+        help=f"RPN proposals kept after NMS (default {DetectorConfig.post_nms_topk}); fewer is faster.",
     ),
-    autocast: str | None = typer.Option(
-        None, "--autocast", help="Mixed precision: bf16 (CPU/GPU) or fp16 (GPU)."
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, or mixed precision in the detector: bf16 (CPU/GPU) or fp16 (GPU)."
     ),
+    autocast: str | None = typer.Option(None, "--autocast", hidden=True, help="The old name of --precision."),
     progress: bool = _PROGRESS,
 ) -> None:
     """Extract bottom-up-attention region features of every image into WebDataset shards.
@@ -147,6 +158,7 @@ def extract_cmd(
     Fast random-weight preview on a laptop CPU:
     vilbert-data extract --images photos/ --out feats/ --depth 50 --min-size 256 --max-size 384 --max-proposals 10
     """
+    from extract.devices import autocast_setting
     from pipelines.extract_job import (
         ExtractOptions,
         format_summary,
@@ -172,7 +184,7 @@ def extract_cmd(
         limit=limit,
         depth=depth,
         max_proposals=max_proposals,
-        autocast=autocast,
+        autocast=autocast_setting(autocast or precision),
         progress=progress,
     )
     result = _run_feature_job(lambda: run_extract(images, out, options))
@@ -465,15 +477,18 @@ def train_cmd(
     warmup: float = typer.Option(0.1, "--warmup", help="Linear warmup: a fraction of the steps (<1) or a step count."),
     epochs: float | None = typer.Option(None, "--epochs", help=_literal("Epochs [task default: paper]; ignored with --steps.")),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
-    max_text_len: int = typer.Option(36, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
-    max_regions: int = typer.Option(36, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."),
+    max_text_len: int = typer.Option(MAX_TEXT_LEN, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
+    max_regions: int = typer.Option(
+        DetectorConfig.max_boxes, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."
+    ),
     feature_norm: str | None = typer.Option(
         None, "--feature-norm",
         help=_literal("standardize (region features minus the training mean, over the std, per dimension) or none (raw, "
                       "as the reference) [default: standardize for a new model; a checkpoint keeps its own]."),
     ),
     precision: str | None = typer.Option(
-        None, "--precision", help=_literal("fp32, bf16 or fp16 (CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU].")
+        None, "--precision",
+        help=_literal(f"{', '.join(PRECISIONS)} (fp16: CUDA) [default: bf16 autocast on CUDA, fp32 on the CPU]."),
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in RUNDIR/checkpoints/."),
@@ -685,118 +700,7 @@ def explain_cmd(
 
 # ---------------------------------------------------------------- demo (owner: README/demo)
 # COMMAND: demo
-_SAMPLE = Path(__file__).resolve().parent / "demo" / "sample"
-_DEMO_CONFIG = _SAMPLE.parent / "vilbert_demo_config.json"
-# Fast detector settings for the random-weight preview: a real R-101 at 600/1000 takes ~10 s per image on
-# two CPU cores, which would not fit the demo's few minutes; with --weights the original settings are used.
-_DEMO_FAST_DETECTOR = ["--depth", "50", "--min-size", "224", "--max-size", "320", "--max-proposals", "12"]
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def _demo_steps(
-    out: Path, sample: Path, weights: str | None, steps: tuple[int, int], image_id: str, question: str
-) -> list[tuple[str, list[str]]]:
-    """The demo's commands, in order, as (title, argv after `vilbert-data`); steps = (pretraining, VQA)."""
-    feats, tasks, runs, reports = out / "features", out / "tasks", out / "runs", out / "reports"
-    detector = ["--weights", weights, "--feature-layer", "res5"] if weights else _DEMO_FAST_DETECTOR
-    if _cpu_has_bf16():
-        detector = [*detector, "--autocast", "bf16"]
-    # A small config, not `tiny` (docs/training.md): 64 wide, initialised at 0.07 = 0.02 x sqrt(768 / 64) so its
-    # ReLU x ReLU fusion does not start in its flat saddle, no dropout for a short run on a small sample. It leaves
-    # v_feature_size out, so the model takes the features' size: res4 1024-d here, res5 2048-d with WEIGHTS.
-    config = str(_DEMO_CONFIG)
-    train_common = ["--vocab", str(out / "vocab"), "--config", config, "--batch-size", "32", "--lr", "1e-3",
-                    "--num-workers", "0"]
-    return [
-        ("Extract region features (embedded local Ray, CPU)",
-         ["extract", "--images", str(sample / "images"), "--out", str(feats), "--shard-size", "32", *detector]),
-        ("Inspect the feature set and draw one image's detections",
-         ["inspect", str(feats), "--image-id", image_id, "--out", str(out / "inspect.png")]),
-        ("Train a WordPiece vocabulary from the sample text (no BERT vocabulary offline)",
-         ["vocab", str(sample / "captions_train.json"), str(sample / "questions_train.json"),
-          "--out", str(out / "vocab"), "--vocab-size", "300", "--min-frequency", "1"]),
-        ("Shard captions (pretraining)",
-         ["shard", "--features", str(feats), "--task", "captions", "--annotations",
-          str(sample / "captions_train.json"), "--split", "train", "--out", str(tasks / "captions_train"),
-          "--shard-size", "16"]),
-        ("Shard held-out captions (to check that pretraining relates captions to images)",
-         ["shard", "--features", str(feats), "--task", "captions", "--annotations",
-          str(sample / "captions_val.json"), "--split", "val", "--out", str(tasks / "captions_val"),
-          "--shard-size", "16"]),
-        ("Shard VQA training questions (builds the answer vocabulary)",
-         ["shard", "--features", str(feats), "--task", "vqa", "--annotations", str(sample / "questions_train.json"),
-          str(sample / "annotations_train.json"), "--split", "train", "--out", str(tasks / "vqa_train"),
-          "--min-answer-count", "1", "--shard-size", "16"]),
-        ("Shard held-out VQA questions (reusing the training answers)",
-         ["shard", "--features", str(feats), "--task", "vqa", "--annotations", str(sample / "questions_val.json"),
-          str(sample / "annotations_val.json"), "--split", "val", "--out", str(tasks / "vqa_val"),
-          "--answers", str(tasks / "vqa_train" / "answers.json"), "--shard-size", "16"]),
-        ("Pretrain a small ViLBERT (masked language + region modelling, alignment)",
-         ["train", "--task", "pretrain", "--data", str(tasks / "captions_train"), "--out", str(runs / "pretrain"),
-          "--steps", str(steps[0]), "--checkpoint-every", str(steps[0]), *train_common]),
-        ("Evaluate pretraining on the held-out captions (alignment accuracy against chance)",
-         ["eval", "--task", "pretrain", "--model", str(runs / "pretrain"), "--data", str(tasks / "captions_val"),
-          "--out", str(reports / "pretrain_val")]),
-        ("Fine-tune it on VQA",
-         ["train", "--task", "vqa", "--data", str(tasks / "vqa_train"), "--out", str(runs / "vqa"),
-          "--init-from", str(runs / "pretrain"), "--steps", str(steps[1]), "--checkpoint-every", str(steps[1]),
-          *train_common]),
-        ("Evaluate on the held-out questions: official VQA accuracy, blind baselines, images shuffled",
-         ["eval", "--task", "vqa", "--model", str(runs / "vqa"), "--data", str(tasks / "vqa_val"),
-          "--out", str(reports / "vqa_val")]),
-        ("Explain one answer: where the co-attention looks",
-         ["explain", "--model", str(runs / "vqa"), "--features", str(feats), "--image-id", image_id,
-          "--text", question, "--out", str(out / "explain.png")]),
-    ]
-
-
-def _held_out_example(sample: Path) -> tuple[str, str]:
-    """The feature image id and first question of the first held-out image (what inspect/explain show)."""
-    import json
-
-    from pipelines.sources import image_id_for
-
-    val = json.loads((sample / "questions_val.json").read_text())["questions"]
-    images = json.loads((sample / "captions_val.json").read_text())["images"]
-    first = val[0]
-    file_name = next(im["file_name"] for im in images if im["id"] == first["image_id"])
-    return image_id_for(file_name), first["question"]
-
-
-def _demo_summary(split: dict, pretrain: dict) -> tuple[str, str]:
-    """The held-out VQA table (model, shuffled images, blind baselines) and a verdict on vision use."""
-    from vilbert_core.evaluation.evaluator import vqa_comparison
-
-    table = vqa_comparison(split)
-    titles = list(table)
-    lines = ["| VQA accuracy (held out) | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
-    for row in table["model"]:
-        lines.append(f"| {row} | " + " | ".join(f"{table[t].get(row, float('nan')):.2f}" for t in titles) + " |")
-    vision = split.get("vision", {})
-    gain, drop = vision.get("gain_over_question_prior"), vision.get("drop_when_images_shuffled")
-    if vision.get("uses_image") and vision.get("beats_question_prior"):
-        verdict = (f"Vision helps: the model beats the question-only prior by {gain:.2f} points and loses "
-                   f"{drop:.2f} points when every question gets another image's regions.")
-    else:
-        verdict = "WARNING: " + " ".join(split.get("warnings", ["the vision check did not run"]))
-    chance = pretrain["baselines"]["chance"]["alignment_accuracy"]
-    verdict += (f"\nPretraining: held-out caption-image alignment accuracy {pretrain['alignment_accuracy']:.2f} "
-                f"(chance {chance:.2f})." + "".join(f" WARNING: {w}" for w in pretrain.get("warnings", [])))
-    return "\n".join(lines), verdict
-
-
-def _uses_image(metrics: dict) -> bool:
-    """Whether the first split of an eval metrics.json says the model uses the image and beats the prior."""
-    vision = next(iter(metrics["splits"].values())).get("vision", {})
-    return bool(vision.get("uses_image") and vision.get("beats_question_prior"))
+_DEMO = Path(__file__).resolve().parent / "demo"  # the sample and demo/run_demo.py ship with the checkout
 
 
 @app.command()
@@ -805,7 +709,7 @@ def demo(
     weights: str | None = typer.Option(
         None, help="Real detector checkpoint; omitted: RANDOM detector weights (a pipeline preview only)."
     ),
-    sample: Path = typer.Option(_SAMPLE, help="Sample folder: images/, captions_*.json, VQA questions/annotations."),
+    sample: Path = typer.Option(_DEMO / "sample", help="Sample folder: images/, captions_*.json, VQA questions/annotations."),
     pretrain_steps: int = typer.Option(600, help="Optimiser steps of pretraining."),
     steps: int = typer.Option(1200, help="Optimiser steps of VQA fine-tuning."),
     fresh: bool = typer.Option(True, help="Delete OUT first so that every step runs again."),
@@ -816,52 +720,13 @@ def demo(
 
     Example: vilbert-data demo --out demo_out
     """
-    import json
-    import shlex
-    import shutil
-    import subprocess
-    import sys
-    import time
+    import importlib.util
 
-    if not (sample / "images").is_dir():
-        raise typer.BadParameter(f"{sample}: no images/ folder (pass --sample DIR)", param_hint="--sample")
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if weights is None:
-        typer.secho("NOTE: no WEIGHTS given: the detector runs with RANDOM weights, so the region features are "
-                    "meaningless and only the pipeline is being shown. Use `make demo WEIGHTS=path/to/ckpt`.",
-                    fg=typer.colors.YELLOW, err=True)
-    exe = shutil.which("vilbert-data")
-    base = [exe] if exe else [sys.executable, "-m", "cli"]
-    t_start = time.time()
-    steps_list = _demo_steps(out, sample, weights, (pretrain_steps, steps), *_held_out_example(sample))
-    for i, (title, argv) in enumerate(steps_list, 1):
-        typer.secho(f"\n[{i}/{len(steps_list)}] {title}", bold=True)
-        typer.echo("$ vilbert-data " + shlex.join(argv))
-        t0 = time.time()
-        code = subprocess.call(base + argv)
-        if code != 0:
-            typer.secho(f"step {i} failed with exit status {code}; the command above reproduces it.",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(code)
-        typer.echo(f"    done in {time.time() - t0:.0f} s")
-
-    metrics = json.loads((out / "reports" / "vqa_val" / "metrics.json").read_text())
-    pretrain = json.loads((out / "reports" / "pretrain_val" / "metrics.json").read_text())
-    summary, verdict = _demo_summary(next(iter(metrics["splits"].values())), next(iter(pretrain["splits"].values())))
-    (out / "summary.md").write_text(summary + "\n\n" + verdict + "\n")
-    typer.secho(f"\nDemo finished in {time.time() - t_start:.0f} s. Artefacts:", bold=True)
-    for name, path in [("feature shards + dataset.json", out / "features"), ("detections picture", out / "inspect.png"),
-                       ("task shards", out / "tasks"), ("runs (model, metrics.jsonl, curves.png)", out / "runs"),
-                       ("evaluation reports", out / "reports"),
-                       ("co-attention picture", out / "explain.png"), ("this table", out / "summary.md")]:
-        typer.echo(f"  {name:42s} {path}")
-    typer.echo("\n" + summary)
-    typer.secho("\n" + verdict, fg=None if _uses_image(metrics) else typer.colors.YELLOW)
-    typer.echo("\nOn real data: extract with --weights <detector checkpoint> --feature-layer res5 on your images, shard "
-               "your annotations, train with --config vilbert-base; on a Ray cluster add --ray-address auto; for many "
-               "GPUs run `torchrun --nproc_per_node 8 -m cli train ...`. See README.md.")
+    # demo/ is no installed package: load its runner from the checkout, beside the sample it runs on
+    spec = importlib.util.spec_from_file_location("run_demo", _DEMO / "run_demo.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    runner.run_demo(out, weights, sample, pretrain_steps, steps, fresh)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Full-size ResNet-101 C4 at 600/1000 with 300 proposals (the original test settin
 
 The pipeline table splits each image's time into decode (JPEG bytes -> RGB, `extract.load_image`),
 preprocess, backbone, RPN, box head, selection (with packaging into numpy) and encode (the shard
-members, `pipelines.writers.encode_detections`), with the device synchronised between stages. Images
+members, `pipelines.formats.features.encode_detections`), with the device synchronised between stages. Images
 run in forward passes of one input size with `--batch-size` slots, as `Detector.detect` runs them;
 `--batch-size` takes a comma list. On CUDA the table also gives `detect()` itself (no stage
 synchronisation) and, per autocast precision, how far the features of the fp32 regions move
@@ -38,7 +38,7 @@ from PIL import Image
 
 from extract import Detector, DetectorConfig, load_image
 from extract.selection import choose_boxes, max_conf_loop, select_regions
-from pipelines.writers import encode_detections
+from pipelines.formats.features import encode_detections
 
 
 def sync(device: torch.device) -> None:

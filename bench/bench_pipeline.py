@@ -16,7 +16,7 @@ Examples:
     RAY_AUTH_MODE=disabled python bench/bench_pipeline.py --images 32 --workers 1,2 --out bench/results/pipeline.json
     python bench/bench_pipeline.py --device cuda --photos --images 384 --workers 1 --depth 101 \
         --min-size 600 --max-size 1000 --max-proposals 300 --min-boxes 10 --max-boxes 36 \
-        --batch-size 8 --shard-size 64 --autocast bf16
+        --batch-size 8 --shard-size 64 --precision bf16
 """
 
 from __future__ import annotations
@@ -222,17 +222,19 @@ def main() -> None:
     ap.add_argument("--max-boxes", type=int, default=10)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="detector alone and the workers")
     ap.add_argument(
-        "--autocast", default=None, choices=["bf16", "fp16"], help="mixed precision in the detector"
-    )
+        "--precision", "--autocast", default="fp32", choices=["fp32", "bf16", "fp16"],
+        help="mixed precision in the detector (--autocast: its old name)",
+    )  # fmt: skip
     ap.add_argument("--photos", action="store_true", help="real photographs (scikit-image) instead of noise")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from extract.devices import autocast_setting
 
     options = dict(
         depth=args.depth, min_size=args.min_size, max_size=args.max_size, max_proposals=args.max_proposals,
         min_boxes=args.min_boxes, max_boxes=args.max_boxes, batch_size=args.batch_size,
-        shard_size=args.shard_size, device=args.device, autocast=args.autocast,
+        shard_size=args.shard_size, device=args.device, autocast=autocast_setting(args.precision),
     )  # fmt: skip
     from pipelines.extract_job import ExtractOptions
 

@@ -82,22 +82,16 @@ def end_to_end(task_dir: Path, vocab: Path, config: str, args: argparse.Namespac
 
 def model_only(task_dir: Path, vocab: Path, config: str, args: argparse.Namespace) -> float:
     """Samples/s of the same step on one preloaded batch (no data loading)."""
+    from extract.devices import autocast, resolve_device
     from pipelines.datasets import make_loader
     from pipelines.tokenization import TextTokenizer
     from vilbert_core import ViLBERTForPretraining
+    from vilbert_core.batches import batch_to_device
     from vilbert_core.training.optim import build_optimizer
-    from vilbert_core.training.tasks import TaskLossModule, batch_to_device
-    from vilbert_core.training.trainer import (
-        TrainArgs,
-        autocast_context,
-        masking_spec,
-        resolve_config,
-        resolve_precision,
-    )
+    from vilbert_core.training.tasks import TaskLossModule
+    from vilbert_core.training.trainer import TrainArgs, masking_spec, resolve_config, resolve_precision
 
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = resolve_device(args.device)
     tok = TextTokenizer.from_pretrained(vocab)
     batch = next(iter(make_loader(task_dir, "captions", tok, batch_size=args.batch_size, num_workers=0)))
     batch = batch_to_device(batch, device)
@@ -111,7 +105,7 @@ def model_only(task_dir: Path, vocab: Path, config: str, args: argparse.Namespac
     times = []
     for _ in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        with autocast_context(precision, device):
+        with autocast(precision, device.type):
             loss = step_fn(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

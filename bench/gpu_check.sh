@@ -240,7 +240,7 @@ else
     DET=(--device cuda --images 64 --batch-size 1,16 --repeats 2 --dtypes fp32,bf16,fp16 --selection-repeats 10)
     BATCHING=(--batching --device cuda --images 48 --batch-size 4,12 --repeats 2 --dtypes bf16)
     PIPE=(--device cuda --photos --images 384 --workers 1 --depth 101 --min-size 600 --max-size 1000
-        --max-proposals 300 --min-boxes 10 --max-boxes 36 --batch-size 8 --shard-size 64 --autocast bf16)
+        --max-proposals 300 --min-boxes 10 --max-boxes 36 --batch-size 8 --shard-size 64 --precision bf16)
     MODEL=(--device cuda --batch 64 --steps 10 --warmup 3 --variants sdpa-bf16,eager-bf16,sdpa-fp32
         --attention-repeats 10)
     SWEEP=(--device cuda --start 8 --max-batch 8192 --steps 3 --budget-s 75)

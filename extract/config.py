@@ -9,6 +9,10 @@ PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 
 NUM_CLASSES = 1600  # Visual Genome object classes, plus background at index 0
 NUM_ATTRIBUTES = 400  # Visual Genome attributes, plus "no attribute" at index 0
+CLS_PROB_DIM = NUM_CLASSES + 1  # 1601 columns of a class distribution (cls_prob), background first
+ATTR_PROB_DIM = NUM_ATTRIBUTES + 1  # 401 columns of an attribute distribution, "no attribute" first
+MIN_BOXES = 10  # the original region-selection rule keeps 10 to 36 regions per image
+MAX_BOXES = 36
 
 FEATURE_DIMS = {"res4": 1024, "res5": 2048}
 RES4_BLOCKS = {50: 6, 101: 23}  # ResNet depth -> bottleneck blocks in res4
@@ -28,8 +32,8 @@ class DetectorConfig:
     rpn_min_size: int = 16  # minimum proposal side, in input pixels before scaling
     nms_thresh: float = 0.3  # per-class NMS of the region-selection rule
     conf_thresh: float = 0.2
-    min_boxes: int = 10
-    max_boxes: int = 36
+    min_boxes: int = MIN_BOXES
+    max_boxes: int = MAX_BOXES
     feature_layer: str = "res4"  # "res4" (1024-d RoI-pooled res4) or "res5" (2048-d, the original)
     autocast: str | None = None  # None (fp32), "bf16" (CPU or CUDA) or "fp16" (CUDA only)
     # Images per forward pass. Every pass has exactly this many slots (unused ones are zero images)

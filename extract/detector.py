@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +17,8 @@ from torchvision.ops import roi_pool
 
 from .boxes import box_sizes, clip_boxes, decode_boxes, grid_anchors, nms_plus1, output_boxes
 from .checkpoint import load_checkpoint
-from .config import DetectorConfig
+from .config import ATTR_PROB_DIM, CLS_PROB_DIM, FEATURE_DIMS, DetectorConfig
+from .devices import autocast, resolve_device
 from .modeling import POOLER_RESOLUTION, BottomUpAttention, feature_size, init_random_weights
 from .selection import select_regions
 
@@ -97,18 +98,6 @@ def _check_images(images: Sequence[Image.Image]) -> None:
             raise ValueError(f"image {i}: empty image of size {img.width}x{img.height}")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when available else CPU; an explicit 'cuda' without a GPU is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device!r} was requested but torch sees no CUDA device; use 'cpu' or 'auto'"
-        )
-    return dev
-
-
 class Detector:
     """The Visual Genome bottom-up-attention Faster R-CNN (ResNet C4) with the original region-selection rule."""
 
@@ -186,15 +175,9 @@ class Detector:
         """Length of a region feature vector."""
         return self.config.feature_dim
 
-    @contextlib.contextmanager
-    def autocast_context(self) -> Iterator[None]:
+    def autocast_context(self) -> contextlib.AbstractContextManager:
         """Mixed precision if the config asks for it."""
-        if self.config.autocast is None:
-            yield
-            return
-        dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
-        with torch.autocast(device_type=self.device.type, dtype=dtype):
-            yield
+        return autocast(self.config.autocast, self.device.type)
 
     # ------------------------------------------------------------------ stages (public for benchmarks)
 
@@ -297,7 +280,8 @@ class Detector:
             parts.append((pooled.mean(dim=(2, 3)), res5.float(), cls_logits.float(), attr_logits.float()))
         if not parts:
             dev = features.device
-            z = [torch.zeros((0, n), device=dev) for n in (1024, 2048, 1601, 401)]
+            dims = (FEATURE_DIMS["res4"], FEATURE_DIMS["res5"], CLS_PROB_DIM, ATTR_PROB_DIM)
+            z = [torch.zeros((0, n), device=dev) for n in dims]
             return HeadOutput(z[0], z[1], z[2], z[3])
         res4, res5, cls_logits, attr_logits = (torch.cat(p, dim=0) for p in zip(*parts, strict=True))
         return HeadOutput(res4, res5, F.softmax(cls_logits, dim=1), F.softmax(attr_logits, dim=1))

@@ -18,6 +18,7 @@ import torch
 from torchvision.ops import nms
 
 from .boxes import plus1_to_continuous
+from .config import DetectorConfig  # its defaults are the original settings
 
 
 def _max_conf_from_pairs(
@@ -38,7 +39,9 @@ def _max_conf_from_pairs(
     return max_conf.scatter_reduce(0, idx[keep], scores[keep], reduce="amax", include_self=True)
 
 
-def max_conf_loop(boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float = 0.3) -> torch.Tensor:
+def max_conf_loop(
+    boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float = DetectorConfig.nms_thresh
+) -> torch.Tensor:
     """max_conf (N,) by the original per-class loop over classes 1..C (the reference, and the fallback)."""
     boxes64 = plus1_to_continuous(boxes, torch.float64)
     max_conf = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
@@ -90,10 +93,10 @@ def choose_boxes(max_conf: torch.Tensor, conf_thresh: float, min_boxes: int, max
 def select_regions(
     boxes: torch.Tensor,
     scores: torch.Tensor,
-    nms_thresh: float = 0.3,
-    conf_thresh: float = 0.2,
-    min_boxes: int = 10,
-    max_boxes: int = 36,
+    nms_thresh: float = DetectorConfig.nms_thresh,
+    conf_thresh: float = DetectorConfig.conf_thresh,
+    min_boxes: int = DetectorConfig.min_boxes,
+    max_boxes: int = DetectorConfig.max_boxes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the selection rule to proposals (N, 4, +1 style) and softmax scores (N, 1 + C).
 

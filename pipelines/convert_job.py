@@ -1,7 +1,7 @@
 """`run_convert`: released region features (four layouts) -> a feature set exactly like extract's.
 
 The job reuses the extract job's machinery: numbered shard plans and "done when _stats.json exists"
-(`pipelines.planner`), the atomic shard writer (`pipelines.writers`), the Ray actors that take one
+(`pipelines.planner`), the atomic shard writer (`pipelines.formats.features`), the Ray actors that take one
 shard after another and are replaced when they die (`pipelines.distributor`), `_job.json` pinning
 the settings and input (resume, or a clear refusal), and the same `dataset.json`. What differs:
 a shard is a `Part` of the source (a byte range of a TSV, a slice of an LMDB's keys, a run of .npz
@@ -20,18 +20,16 @@ Exit codes as extract: 0 every record ok, 3 some records failed, 1 the job could
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extract.config import FEATURE_DIMS
 from pipelines.extract_job import (
-    DATASET_FILE,
     EXIT_OK,
     EXIT_SOME_FAILED,
-    FEATURE_DIMS,
     ExtractResult,
     ProgressBar,
     check_job_detector,
@@ -41,10 +39,11 @@ from pipelines.extract_job import (
     open_job,
 )
 from pipelines.feature_formats import FORMATS, FormatError, Part, RecordError, detect_format, get_reader
+from pipelines.fileio import atomic_write_json, check_out_dir, make_out_dir, remove_stale_temps
 from pipelines.folder_lock import FolderLock, FolderLockedError
+from pipelines.formats.features import DATASET_FILE, DTYPES
 from pipelines.planner import ShardPlan, read_shard_stats, shard_name, split_done
 from pipelines.sources import SourceItem
-from pipelines.writers import DTYPES, atomic_write_json, check_out_dir, make_out_dir, remove_stale_temps
 
 PROBE_RECORDS = 32  # records tried at planning time to learn the feature size
 LACKABLE = ("cls_prob", "objects", "attributes")
@@ -296,11 +295,3 @@ def format_source(dataset: dict) -> str:
         line += f"; recomputed by the detector: {', '.join(dataset['recomputed'])}"
     rate = dataset.get("summary", {}).get("mb_per_s")
     return line + (f"; {rate} MB/s" if rate else "")
-
-
-def read_dataset(path: str | Path) -> dict:
-    """dataset.json of a finished feature set (extract's or convert's)."""
-    meta = Path(path) / DATASET_FILE
-    if not meta.is_file():
-        raise FileNotFoundError(f"{path}: not a finished feature set (no {DATASET_FILE})")
-    return json.loads(meta.read_text())

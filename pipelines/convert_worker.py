@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from extract.config import CLS_PROB_DIM
 from pipelines.feature_formats import get_reader
-from pipelines.feature_formats.common import NUM_CLASSES, Entry, Record, RecordError, best_of, check_record
+from pipelines.feature_formats.common import Entry, Record, RecordError, best_of, check_record
+from pipelines.formats.features import FeatureShardWriter, encode_detections
 from pipelines.planner import ShardPlan
-from pipelines.writers import FeatureShardWriter, encode_detections
 
 ProgressFn = Callable[[int, int], None]
 
@@ -48,7 +49,7 @@ def to_detections(record: Record) -> Any:
     from extract import Detections, spatial_features
 
     k = record.num_boxes
-    cls_prob = record.cls_prob if record.cls_prob is not None else np.zeros((k, NUM_CLASSES), np.float32)
+    cls_prob = record.cls_prob if record.cls_prob is not None else np.zeros((k, CLS_PROB_DIM), np.float32)
     if record.cls_prob is not None:  # name regions as the detector does when the distribution is there
         objects = best_of(record.cls_prob)
     else:
@@ -148,7 +149,7 @@ class ConvertWorker:
     """Writes one feature shard per part; `info` describes the source (and detector, when recomputing)."""
 
     def __init__(self, spec: ConvertSpec) -> None:
-        import extract  # noqa: F401 (torch and the detector code load now, as actor start-up, not in a shard)
+        import extract.detector  # noqa: F401 (torch and the detector code load now, as actor start-up, not in a shard)
 
         self.spec = spec
         self.reader = get_reader(spec.format)

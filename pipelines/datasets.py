@@ -25,12 +25,10 @@ validation. A model that answers as well with another image's regions does not u
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import math
 import os
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +38,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.tokenization import TextTokenizer
+from extract.config import CLS_PROB_DIM, MAX_BOXES
+from pipelines.formats.npy import load_npy
+from pipelines.formats.tar import iter_tar_samples, read_tar_samples
+from pipelines.formats.tasks import is_url, read_shard_index, read_task_json, task_shards
+from pipelines.formats.tasks import num_answers as formats_num_answers
+from pipelines.tokenization import MAX_TEXT_LEN, TextTokenizer
 
 GLOBAL_SPATIAL = np.array([0.0, 0.0, 1.0, 1.0, 1.0], np.float32)
-NUM_CLASSES = 1601
 RETRIEVAL_CANDIDATES = 4
-BATCH_TASK_NAMES = {"captions": "pretrain"}  # the batch contract calls captions batches "pretrain"
 
 
 # ----------------------------------------------------------------------------- shard lists
 
 
 def expand_urls(urls_or_dir: str | Path | Sequence[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Shard URLs (sorted within each TASKDIR) and the `task.json` of every TASKDIR given."""
+    """Shard URLs (in task.json order within each TASKDIR) and the `task.json` of every TASKDIR given."""
     import braceexpand
 
     items = [urls_or_dir] if isinstance(urls_or_dir, str | Path) else list(urls_or_dir)
@@ -61,52 +62,16 @@ def expand_urls(urls_or_dir: str | Path | Sequence[str | Path]) -> tuple[list[st
     for item in items:
         text = str(item)
         path = Path(text)
-        if "://" not in text and not text.startswith("pipe:") and path.is_dir():
-            info_path = path / "task.json"
-            if not info_path.is_file():
-                raise FileNotFoundError(
-                    f"{path}: no task.json; is this a TASKDIR written by `vilbert-data shard`?"
-                )
-            info = json.loads(info_path.read_text())
+        if not is_url(text) and path.is_dir():
+            info = read_task_json(path)
             info["_dir"] = str(path)
             infos.append(info)
-            shards = [str(path / s) for s in info.get("shards", [])] or sorted(
-                map(str, path.glob("task-*.tar"))
-            )
-            urls.extend(shards)
+            urls.extend(map(str, task_shards(path, info)))
         else:
             urls.extend(braceexpand.braceexpand(text))
     if not urls:
         raise ValueError(f"no task shards found in {urls_or_dir!r}")
     return urls, infos
-
-
-def check_task_source(source: str, flag: str) -> None:
-    """Say what --data / --val is when it is not task shards: missing, empty, a feature set, unfinished, a stray file."""
-    if "://" in source or source.startswith("pipe:") or "{" in source:
-        return  # URLs and brace patterns are checked when they are read
-    path = Path(source)
-    expected = "expected a TASKDIR written by `vilbert-data shard` (task.json + task-*.tar)"
-    if not path.exists():
-        raise ValueError(f"{flag} {source}: no such file or folder; {expected}")
-    if path.is_file():
-        if path.suffix != ".tar":
-            raise ValueError(f"{flag} {source}: a file, not task shards; {expected} or task-*.tar files")
-        return
-    if (path / "task.json").is_file():
-        return
-    if (path / "dataset.json").is_file():
-        raise ValueError(
-            f"{flag} {source}: a feature set (dataset.json), not task shards; make them with "
-            f"`vilbert-data shard --features {source} --task ... --out TASKDIR`"
-        )
-    if any(path.glob("task-*.tar")):
-        raise ValueError(
-            f"{flag} {source}: task shards without task.json (written last): an unfinished `vilbert-data shard` "
-            "run; run it again"
-        )
-    what = "an empty folder" if not any(path.iterdir()) else "a folder without task.json"
-    raise ValueError(f"{flag} {source}: {what}; {expected}")
 
 
 def node_info() -> tuple[int, int]:
@@ -165,31 +130,6 @@ def batches_for_worker(steps: int, worker: int, workers: int) -> int:
 
 
 # ----------------------------------------------------------------------------- decoding
-
-
-_NPY_HEADER = re.compile(
-    rb"'descr':\s*'([^']+)',\s*'fortran_order':\s*(True|False),\s*'shape':\s*\(([^)]*)\)"
-)
-
-
-def _npy(data: bytes | bytearray) -> np.ndarray:
-    """Decode .npy bytes (no pickles) as a view on `data`; falls back to numpy for unusual headers."""
-    # np.load parses the header with ast.literal_eval, which was a third of the loader's time.
-    if not isinstance(data, bytearray):
-        data = bytearray(data)  # writable, so torch can wrap the arrays without warnings
-    if data[:6] == b"\x93NUMPY" and data[6] in (1, 2):
-        hlen_size = 2 if data[6] == 1 else 4
-        hlen = int.from_bytes(data[8 : 8 + hlen_size], "little")
-        start = 8 + hlen_size
-        m = _NPY_HEADER.search(data[start : start + hlen])
-        if m and m.group(2) == b"False":
-            shape = tuple(int(x) for x in m.group(3).split(b",") if x.strip())
-            dtype = np.dtype(m.group(1).decode())
-            if not dtype.hasobject:
-                return np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start + hlen).reshape(
-                    shape
-                )
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @dataclass
@@ -276,19 +216,19 @@ def swap_regions(
 
 def build_regions(sample: dict[str, bytes], max_regions: int, with_gt: bool = False) -> Regions:
     """Regions of a task sample: up to `max_regions` in file order (ground-truth boxes first for VCR)."""
-    feat = _npy(sample["features.npy"])  # (K,D)
-    loc = _npy(sample["spatial.npy"])  # (K,5)
-    prob = _npy(sample["cls_prob.npy"])  # (K,1601)
+    feat = load_npy(sample["features.npy"])  # (K,D)
+    loc = load_npy(sample["spatial.npy"])  # (K,5)
+    prob = load_npy(sample["cls_prob.npy"])  # (K,1601)
     if with_gt and "gt_features.npy" in sample:
-        feat = np.concatenate([_npy(sample["gt_features.npy"]), feat])
-        loc = np.concatenate([_npy(sample["gt_spatial.npy"]), loc])
-        prob = np.concatenate([_npy(sample["gt_cls_prob.npy"]), prob])
+        feat = np.concatenate([load_npy(sample["gt_features.npy"]), feat])
+        loc = np.concatenate([load_npy(sample["gt_spatial.npy"]), loc])
+        prob = np.concatenate([load_npy(sample["gt_cls_prob.npy"]), prob])
     k = min(feat.shape[0], max_regions)
     g = None
     if k == 0 or k < feat.shape[0]:  # else collate takes the mean of the float32 copy, which is faster
         g = feat.mean(axis=0, dtype=np.float32) if feat.shape[0] else np.zeros(feat.shape[1], np.float32)
     if prob.ndim != 2:
-        prob = prob.reshape(feat.shape[0], NUM_CLASSES)
+        prob = prob.reshape(feat.shape[0], CLS_PROB_DIM)
     return Regions(feat[:k], loc[:k], prob[:k], g)
 
 
@@ -323,28 +263,27 @@ def _batch_zeros(*shape: int) -> torch.Tensor:
     return torch.zeros(*shape)
 
 
-def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
-    """Pad a list of examples into the batch dict of docs/contracts.md section 4."""
-    first = examples[0]
-    b = len(examples)
-    # Text: every example holds a list of C encoded texts (C = 1, or 4 for VCR / retrieval).
-    c = len(first["texts"])
-    t = max(len(ids) for ex in examples for ids, _ in ex["texts"])
-    ids, seg, mask = _pad_text([tt for ex in examples for tt in ex["texts"]], t)
+def collate_texts(
+    texts: Sequence[tuple[list[int], list[int]]], lead: tuple[int, ...], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """input_ids, token_type_ids, attention_mask of encoded texts, padded to the longest, shaped lead + (T,)."""
+    t = max(len(ids) for ids, _ in texts)
+    ids, seg, mask = _pad_text(texts, t)
     if pad_id:
         ids[mask == 0] = pad_id
-    shape = (b, t) if c == 1 and not first.get("multi_choice") else (b, c, t)
-    batch: dict[str, Any] = {
+    shape = (*lead, t)
+    return {
         "input_ids": torch.from_numpy(ids.reshape(shape)),
         "token_type_ids": torch.from_numpy(seg.reshape(shape)),
         "attention_mask": torch.from_numpy(mask.reshape(shape)),
     }
-    # Images: each example holds a list of Regions (1, or C for retrieval).
-    regions = [r for ex in examples for r in ex["regions"]]
-    n_img = len(first["regions"])
+
+
+def collate_regions(regions: Sequence[Regions], lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """image_feat, image_loc, image_mask, image_target of images' regions, [IMG] first, padded, shaped lead + (R, ...)."""
     r_max = max(r.num_regions for r in regions)
-    d = first["regions"][0].raw_feat.shape[1]
-    n_cls = first["regions"][0].raw_target.shape[1]
+    d = regions[0].raw_feat.shape[1]
+    n_cls = regions[0].raw_target.shape[1]
     # torch copies convert float16 -> float32 about 3x faster than numpy assignment.
     feat = _batch_zeros(len(regions), r_max, d)
     loc = torch.zeros(len(regions), r_max, 5)
@@ -362,11 +301,26 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
         loc[i, 1:n].copy_(torch.from_numpy(r.raw_loc))
         target[i, 1:n].copy_(torch.from_numpy(r.raw_target))
         img_mask[i, :n] = 1
-    lead = (b, n_img) if n_img > 1 else (b,)
-    batch["image_feat"] = feat.view(*lead, r_max, d)
-    batch["image_loc"] = loc.view(*lead, r_max, 5)
-    batch["image_mask"] = img_mask.view(*lead, r_max)
-    batch["image_target"] = target.view(*lead, r_max, n_cls)
+    return {
+        "image_feat": feat.view(*lead, r_max, d),
+        "image_loc": loc.view(*lead, r_max, 5),
+        "image_mask": img_mask.view(*lead, r_max),
+        "image_target": target.view(*lead, r_max, n_cls),
+    }
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Pad a list of examples into the batch dict of docs/contracts.md section 4."""
+    first = examples[0]
+    b = len(examples)
+    # Text: every example holds a list of C encoded texts (C = 1, or 4 for VCR / retrieval).
+    c = len(first["texts"])
+    lead = (b,) if c == 1 and not first.get("multi_choice") else (b, c)
+    batch: dict[str, Any] = collate_texts([tt for ex in examples for tt in ex["texts"]], lead, pad_id)
+    # Images: each example holds a list of Regions (1, or C for retrieval).
+    n_img = len(first["regions"])
+    batch.update(collate_regions([r for ex in examples for r in ex["regions"]], (b, n_img) if n_img > 1 else (b,)))
+    r_max = batch["image_mask"].shape[-1]
     batch["image_id"] = [ex["image_id"] for ex in examples]
     task = first["task"]
     if task == "captions":
@@ -407,8 +361,8 @@ class TaskDataset(IterableDataset):
         task: str,
         tokenizer: TextTokenizer | str | Path,
         batch_size: int | None = 32,
-        max_text_len: int = 36,
-        max_regions: int = 36,
+        max_text_len: int = MAX_TEXT_LEN,
+        max_regions: int = MAX_BOXES,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         resampled: bool = False,
@@ -457,34 +411,12 @@ class TaskDataset(IterableDataset):
                 )
         self.num_answers = num_answers
         if task == "vqa" and num_answers is None:
-            self.num_answers = self._num_answers_from(infos)
+            self.num_answers = next(filter(None, (formats_num_answers(i["_dir"], i) for i in infos)), None)
+            if self.num_answers is None:
+                raise ValueError("vqa needs num_answers (or a TASKDIR whose task.json names its answers.json)")
         # even_split (training under DDP): ranks split each epoch by records, using the shards' indexes
         self.even_split = even_split and not resampled
-        self.shard_images = [self._indexed_images(u) for u in self.urls] if self.even_split else []
-
-    @staticmethod
-    def _indexed_images(url: str) -> list[tuple[str, int]]:
-        """(image id, records) of each sample of a task shard, in file order, from its parquet index."""
-        import pyarrow.parquet as pq
-
-        index = Path(url[: -len(".tar")] + ".parquet") if url.endswith(".tar") else None
-        if index is None or "://" in url or url.startswith("pipe:") or not index.is_file():
-            raise ValueError(
-                f"{url}: several processes split an epoch by the records of each shard, which its parquet index "
-                "(written by `vilbert-data shard`) counts; train on the TASKDIR, or draw shards with --resampled"
-            )
-        rows = pq.read_table(index, columns=["image_id", "num_records"]).to_pylist()
-        return [(r["image_id"], int(r["num_records"])) for r in rows]
-
-    @staticmethod
-    def _num_answers_from(infos: list[dict[str, Any]]) -> int:
-        """Answer vocabulary size from the TASKDIRs' task.json / answers.json."""
-        for info in infos:
-            if info.get("num_answers"):
-                return int(info["num_answers"])
-            if info.get("answer_vocab"):
-                return len(json.loads((Path(info["_dir"]) / info["answer_vocab"]).read_text()))
-        raise ValueError("vqa needs num_answers (or a TASKDIR whose task.json names its answers.json)")
+        self.shard_images = [read_shard_index(u) for u in self.urls] if self.even_split else []
 
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffling for a new epoch (call before iterating the DataLoader)."""
@@ -515,8 +447,6 @@ class TaskDataset(IterableDataset):
         """Task samples (key, members) of a stream of shard URLs."""
         import webdataset as wds
 
-        from pipelines.shard_job import iter_tar_samples
-
         for url in urls:
             with wds.gopen(url, "rb") as stream:
                 yield from iter_tar_samples(stream, url)
@@ -528,8 +458,6 @@ class TaskDataset(IterableDataset):
 
         The shards are taken in the epoch's shuffled order (the same on every rank); see even_record_pieces.
         """
-        from pipelines.shard_job import iter_tar_samples
-
         order = list(range(len(self.urls)))
         random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
         counts = [sum(n for _, n in self.shard_images[i]) for i in order]
@@ -541,11 +469,9 @@ class TaskDataset(IterableDataset):
                 if a < b:
                     wanted[image_id] = (a - start, b - start)
                 start += n
-            url = self.urls[order[k]]
-            with open(url, "rb") as stream:
-                for key, sample in iter_tar_samples(stream, url, keep=wanted.__contains__):
-                    if key in wanted:
-                        yield key, sample, wanted[key]
+            for key, sample in read_tar_samples(self.urls[order[k]], keep=wanted.__contains__):
+                if key in wanted:
+                    yield key, sample, wanted[key]
 
     # -- examples ----------------------------------------------------------------------
 
@@ -632,6 +558,10 @@ class TaskDataset(IterableDataset):
                     else:
                         waiting.append(item)
                 deferred = waiting
+
+    def images(self) -> Iterator[tuple[str, list[dict], Regions]]:
+        """(key, records, regions) of every image in shard order, in this process, D checked (whole-set evaluation)."""
+        return self._decoded(self.samples(iter(self.urls)))
 
     def _decoded(self, samples: Iterator[tuple]) -> Iterator[tuple[str, list[dict], Regions]]:
         """(key, records, regions) of each (key, members[, (first, end) record range]) sample, D checked."""

@@ -26,10 +26,10 @@ from typing import Any
 
 import ray
 
+from pipelines.fileio import DiskFullError
 from pipelines.planner import ShardPlan
 from pipelines.ray_reaper import Reaper, children, start_reaper
 from pipelines.worker import ShardSettings, process_shard
-from pipelines.writers import DiskFullError
 
 EMBEDDED_OBJECT_STORE_BYTES = 512 * 1024**2
 PROBE_TIMEOUT_S = 4.0  # per step of check_ray_address (TCP connect, then the gRPC greeting)

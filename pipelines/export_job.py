@@ -14,13 +14,13 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipelines.convert_job import read_dataset
-from pipelines.feature_formats import EXPORT_FORMATS
-from pipelines.writers import load_npy, temp_path
+from pipelines.fileio import temp_path
+from pipelines.formats.features import FeatureSet
+from pipelines.formats.npy import load_npy
+from pipelines.formats.writers import FeatureWriter, writer_class
 
 
 def run_export(
@@ -28,14 +28,12 @@ def run_export(
 ) -> dict:
     """Write the feature set `features` to `out` in layout `fmt`; returns a summary dict."""
     from pipelines.progress import progress_bar
-    from pipelines.shard_job import iter_tar_samples
 
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    root = Path(features)
-    info = read_dataset(root)
+    writer_cls = writer_class(fmt)
+    fs = FeatureSet.open(features)
+    info = fs.info
     out = Path(out)
-    _check_out(out, fmt, overwrite)
+    _check_out(out, fmt, writer_cls, overwrite)
     with_cls = bool(info.get("class_distributions", True))
     tmp = temp_path(out)
     t0 = time.perf_counter()
@@ -43,24 +41,22 @@ def run_export(
     nbytes = duplicates = 0
     bar = progress_bar(int(info["counts"]["ok"]), f"export {fmt}", "img", progress)
     try:
-        writer = _writer(fmt, tmp, with_cls)
-        for shard in info["shards"]:
-            with open(root / shard, "rb") as f:
-                for key, sample in iter_tar_samples(f, str(root / shard)):
-                    if key in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(key)
-                    meta = json.loads(sample["json"])
-                    nbytes += writer.write(
-                        key,
-                        int(meta["width"]),
-                        int(meta["height"]),
-                        load_npy(sample["boxes.npy"]).astype(np.float32),
-                        load_npy(sample["features.npy"]).astype(np.float32),
-                        load_npy(sample["cls_prob.npy"]).astype(np.float32) if with_cls else None,
-                    )
-                    bar.update(1)
+        writer = writer_cls(tmp, with_cls)
+        for key, sample in fs.samples():
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            meta = json.loads(sample["json"])
+            nbytes += writer.write(
+                key,
+                int(meta["width"]),
+                int(meta["height"]),
+                load_npy(sample["boxes.npy"]).astype(np.float32),
+                load_npy(sample["features.npy"]).astype(np.float32),
+                load_npy(sample["cls_prob.npy"]).astype(np.float32) if with_cls else None,
+            )
+            bar.update(1)
         writer.close()
         _replace(tmp, out)
     finally:
@@ -79,28 +75,17 @@ def run_export(
     }
 
 
-def _writer(fmt: str, path: Path, with_cls: bool) -> Any:
-    """The layout's writer at `path`."""
-    if fmt == "butd-tsv":
-        from pipelines.feature_formats.butd_tsv import ButdTsvWriter
-
-        return ButdTsvWriter(path, with_cls)
-    from pipelines.feature_formats.vilbert_lmdb import VilbertLmdbWriter
-
-    return VilbertLmdbWriter(path, with_cls)
-
-
-def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
-    """Refuse an existing OUT unless --overwrite, and never replace a folder that is not an LMDB export."""
+def _check_out(out: Path, fmt: str, writer_cls: type[FeatureWriter], overwrite: bool) -> None:
+    """Refuse an existing OUT unless --overwrite, and never replace a folder that this layout did not write."""
     if not out.exists():
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
         return
     if not overwrite:
         raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
-    if out.is_dir() and not (out / "data.mdb").is_file():
-        raise ValueError(f"--out {out} is a folder that is not an LMDB environment; refusing to replace it")
-    if out.is_dir() != (fmt == "vilbert-lmdb"):
+    if out.is_dir() and writer_cls.folder and not writer_cls.is_own_output(out):
+        raise ValueError(f"--out {out} is a folder that is not {writer_cls.kind}; refusing to replace it")
+    if out.is_dir() != writer_cls.folder:
         raise ValueError(
             f"--out {out}: a {'folder' if out.is_dir() else 'file'} cannot be replaced by a {fmt} export"
         )

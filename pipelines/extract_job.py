@@ -25,12 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.folder_lock import FolderLock, FolderLockedError
-from pipelines.planner import SHARD_PREFIX, inputs_fingerprint, plan_shards, read_shard_stats, split_done
-from pipelines.sources import list_sources
-from pipelines.writers import (
-    DTYPES,
-    STATS_SUFFIX,
+from extract.config import AUTOCAST_DTYPES, FEATURE_DIMS, DetectorConfig
+from pipelines.fileio import (
     DiskFullError,
     atomic_write_json,
     check_out_dir,
@@ -39,31 +35,38 @@ from pipelines.writers import (
     make_out_dir,
     remove_stale_temps,
 )
+from pipelines.folder_lock import FolderLock, FolderLockedError
+from pipelines.formats.features import (
+    DATASET_FILE,
+    DTYPES,
+    FEATURES_FORMAT,
+    FEATURES_VERSION,
+    SHARD_PREFIX,
+    STATS_SUFFIX,
+)
+from pipelines.planner import inputs_fingerprint, plan_shards, read_shard_stats, split_done
+from pipelines.sources import list_sources
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3
 
-FORMAT = "vilbert-data/features"
-VERSION = 1
-FEATURE_DIMS = {"res4": 1024, "res5": 2048}
 JOB_FILE = "_job.json"
-DATASET_FILE = "dataset.json"
 GPU_BATCH_SIZE = 4  # default --batch-size on GPUs; on CPUs batching gains nothing, so 1
 
 
 @dataclass
 class ExtractOptions:
-    """Every setting of an extraction job (CLI options map one to one)."""
+    """Every setting of an extraction job (CLI options map one to one; --precision sets `autocast`, fp32 = None)."""
 
     weights: str | None = None  # detector checkpoint; None = random weights (previews and tests only)
-    feature_layer: str = "res4"
-    min_boxes: int = 10
-    max_boxes: int = 36
-    conf_thresh: float = 0.2
-    min_size: int = 600
-    max_size: int = 1000
+    feature_layer: str = DetectorConfig.feature_layer
+    min_boxes: int = DetectorConfig.min_boxes
+    max_boxes: int = DetectorConfig.max_boxes
+    conf_thresh: float = DetectorConfig.conf_thresh
+    min_size: int = DetectorConfig.min_size
+    max_size: int = DetectorConfig.max_size
     dtype: str = "float16"  # storage dtype of features.npy and cls_prob.npy
     batch_size: int | None = None  # images of one input size per forward pass; None: 1 on CPUs, 4 on GPUs
     workers: int | None = None  # default: one per GPU, or one CPU worker using every core
@@ -73,9 +76,9 @@ class ExtractOptions:
     ray_address: str | None = None
     overwrite: bool = False
     limit: int | None = None
-    depth: int = 101  # ResNet depth; 50 with random weights is a fast preview
-    max_proposals: int | None = None  # RPN proposals kept after NMS (default 300); fewer = faster
-    autocast: str | None = None  # "bf16" / "fp16": mixed precision inside the detector
+    depth: int = DetectorConfig.depth  # ResNet depth; 50 with random weights is a fast preview
+    max_proposals: int | None = None  # RPN proposals kept after NMS (default post_nms_topk); fewer = faster
+    autocast: str | None = DetectorConfig.autocast  # --precision bf16 / fp16: mixed precision inside the detector
     progress: bool = True
     detector_extra: dict = field(default_factory=dict)  # further DetectorConfig fields, verbatim
 
@@ -100,16 +103,14 @@ class ExtractOptions:
         check_worker_request(self.workers, self.gpus_per_worker, self.device)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
-        if self.autocast not in (None, "bf16", "fp16"):
-            raise ValueError(f"--autocast must be bf16 or fp16, got {self.autocast!r}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.autocast!r}")
         if self.weights is not None and "://" not in self.weights and not Path(self.weights).is_file():
             raise ValueError(f"--weights {self.weights}: no such file")
         if self.max_proposals is not None and self.max_proposals < 1:
             raise ValueError(f"--max-proposals must be >= 1, got {self.max_proposals}")
         # The detector's own checks (depth, extra fields) run here too, so that a bad setting is a
         # bad argument (exit 2) now, not a detector that fails to load in every Ray actor (exit 1).
-        from extract import DetectorConfig
-
         try:
             DetectorConfig(**{**self.detector_config(), "feature_layer": self.feature_layer})
         except TypeError as exc:  # an unknown field in detector_extra
@@ -128,7 +129,7 @@ class ExtractOptions:
         if self.max_proposals is not None:
             # Keep the pre-NMS pool proportional so that a small preview stays fast end to end.
             config["post_nms_topk"] = self.max_proposals
-            config["pre_nms_topk"] = min(6000, 20 * self.max_proposals)
+            config["pre_nms_topk"] = min(DetectorConfig.pre_nms_topk, 20 * self.max_proposals)
         if self.autocast is not None:
             config["autocast"] = self.autocast
         config.update(self.detector_extra)
@@ -437,8 +438,8 @@ def dataset_json(
         "shard_retries": report.shard_retries if report else 0,
     }
     return {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": FEATURES_FORMAT,
+        "version": FEATURES_VERSION,
         "feature_layer": opts.feature_layer,
         "feature_dim": int(info.get("feature_dim", FEATURE_DIMS[opts.feature_layer])),
         "dtype": opts.dtype,

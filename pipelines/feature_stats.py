@@ -74,7 +74,7 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> None:
         """Write feature_stats.json atomically."""
-        from pipelines.writers import atomic_write_json
+        from pipelines.fileio import atomic_write_json
 
         atomic_write_json(path, self.to_dict(), sort_keys=False)
 
@@ -131,11 +131,3 @@ def stats_of(features: Iterable[np.ndarray]) -> FeatureStats | None:
     for f in features:
         running.add(f)
     return running.result()
-
-
-def load_task_feature_stats(data: str | Path) -> FeatureStats | None:
-    """The feature_stats.json of a TASKDIR written by `shard`; None for older TASKDIRs and shard URLs."""
-    path = Path(str(data))
-    if path.is_dir() and (path / STATS_FILE).is_file():
-        return FeatureStats.load(path / STATS_FILE)
-    return None

@@ -1,46 +1,25 @@
 """`vilbert-data inspect`: look at a feature set (counts, boxes per image, failures) and at one image.
 
-Works on a finished set (with `dataset.json`) and on a partial one (only the shards whose stats
-exist are read). Class and attribute names come from the Visual Genome vocabulary files passed with
+Works on a finished set (with `dataset.json`) and on a partial one (only the shards whose parquet
+index exists are read: `pipelines.formats.features.FeatureSet`). Class and attribute names come from the Visual Genome vocabulary files passed with
 `--vocab` (line i names id i+1); without them boxes are labelled with ids.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.planner import SHARD_PREFIX
-from pipelines.writers import STATS_SUFFIX, load_npy
+from extract.config import NUM_ATTRIBUTES, NUM_CLASSES
+from pipelines.formats.features import FeatureSet
+from pipelines.formats.npy import load_npy
 
 _OBJECT_FILES = ("vg_objects_vocab.txt", "objects_vocab.txt")
 _ATTRIBUTE_FILES = ("vg_attributes_vocab.txt", "attributes_vocab.txt")
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119")
-
-
-def finished_shards(out: str | Path) -> list[str]:
-    """Stems of the shards of `out` whose `_stats.json` exists (complete shards), sorted."""
-    stats = sorted(Path(out).glob(f"{SHARD_PREFIX}*{STATS_SUFFIX}"))
-    return [p.name[: -len(STATS_SUFFIX)] for p in stats]
-
-
-def iter_index(out: str | Path, shards: list[str] | None = None) -> Iterator[dict]:
-    """Parquet index rows of `shards` (default: the complete ones), shard by shard, with "shard" added."""
-    import pyarrow.parquet as pq
-
-    for name in finished_shards(out) if shards is None else shards:
-        for row in pq.read_table(Path(out) / f"{name}.parquet").to_pylist():
-            yield {**row, "shard": name}
-
-
-def read_index(out: str | Path, shards: list[str] | None = None) -> list[dict]:
-    """All parquet index rows of `shards` (default: the complete ones), each with its stem under "shard"."""
-    return list(iter_index(out, shards))
 
 
 def summarize(out: str | Path) -> dict:
@@ -48,10 +27,9 @@ def summarize(out: str | Path) -> dict:
     out = Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"{out}: no such feature set folder")
-    shards = finished_shards(out)
-    rows = read_index(out, shards)
-    dataset_path = out / "dataset.json"
-    dataset = json.loads(dataset_path.read_text()) if dataset_path.exists() else None
+    fs = FeatureSet.open(out, unfinished=True)
+    rows = list(fs.iter_index())
+    dataset = fs.info
     if not rows and dataset is None:
         raise FileNotFoundError(f"{out}: no finished feature shards and no dataset.json")
     ok = [r for r in rows if r["status"] == "ok"]
@@ -59,7 +37,7 @@ def summarize(out: str | Path) -> dict:
     summary = {
         "out": str(out),
         "complete": dataset is not None,
-        "shards": len(shards),
+        "shards": len(fs.shards),
         "images": len(rows),
         "ok": len(ok),
         "failed": len(rows) - len(ok),
@@ -125,28 +103,8 @@ def format_summary(summary: dict, width: int = 40, max_failures: int = 10) -> st
 
 def load_sample(out: str | Path, image_id: str | None = None) -> dict:
     """Members of one image (decoded .npy arrays and the json dict); the first ok image when no id."""
-    # Stops reading indexes at the first match rather than loading every shard's.
-    row = next(
-        (
-            r
-            for r in iter_index(out)
-            if r["status"] == "ok" and (image_id is None or r["image_id"] == image_id)
-        ),
-        None,
-    )
-    if row is None:
-        what = f"image id {image_id!r}" if image_id else "any successfully extracted image"
-        raise KeyError(f"{out}: no {what} in the finished shards")
-    prefix = row["image_id"] + "."
-    sample: dict = {}
-    with tarfile.open(Path(out) / f"{row['shard']}.tar") as tar:
-        for member in tar:
-            if not member.name.startswith(prefix):
-                continue
-            data = tar.extractfile(member).read()
-            key = member.name[len(prefix) :]
-            sample[key] = json.loads(data) if key == "json" else load_npy(data)
-    return sample
+    members = FeatureSet.open(out, unfinished=True).sample(image_id)
+    return {k: json.loads(v) if k == "json" else load_npy(v) for k, v in members.items()}
 
 
 def read_vocab(path: str | Path) -> list[str]:
@@ -172,7 +130,7 @@ def load_vocabs(paths: list[str | Path]) -> tuple[list[str] | None, list[str] | 
         elif path.is_file():
             names = read_vocab(path)
             # 1600 object classes, 400 attributes in the VG vocabularies; the name decides otherwise.
-            is_attr = len(names) == 400 or (len(names) != 1600 and "attr" in path.name.lower())
+            is_attr = len(names) == NUM_ATTRIBUTES or (len(names) != NUM_CLASSES and "attr" in path.name.lower())
             if is_attr:
                 attributes = names
             else:

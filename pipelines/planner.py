@@ -11,10 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.formats.features import SHARD_PREFIX, STATS_SUFFIX
 from pipelines.sources import SourceItem
-from pipelines.writers import STATS_SUFFIX
-
-SHARD_PREFIX = "features-"
 
 
 @dataclass(frozen=True)

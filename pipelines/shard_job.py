@@ -11,23 +11,29 @@ parquet index; `task.json` is written last, so a directory with `task.json` is c
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import tarfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.annotations import Annotation, read_task_annotations
 from pipelines.annotations.common import TASKS
 from pipelines.feature_stats import STATS_FILE, RunningFeatureStats
+from pipelines.fileio import (
+    atomic_write_json,
+    check_out_dir,
+    disk_full_error,
+    is_disk_full,
+    make_out_dir,
+    remove_stale_temps,
+)
+from pipelines.formats.features import FeatureSet
+from pipelines.formats.npy import load_npy, npy_bytes
+from pipelines.formats.tar import ShardError
+from pipelines.formats.tasks import SHARD_PREFIX, TASK_FORMAT, TaskShardWriter
 from pipelines.matching import ImageMatcher
 from pipelines.progress import progress_bar
 from pipelines.vqa_answers import (
@@ -37,232 +43,10 @@ from pipelines.vqa_answers import (
     load_answer_vocab,
     save_answer_vocab,
 )
-from pipelines.writers import (
-    atomic_write_json,
-    atomic_write_table,
-    check_out_dir,
-    disk_full_error,
-    is_disk_full,
-    load_npy,
-    make_out_dir,
-    npy_bytes,
-    publish,
-    remove_stale_temps,
-    temp_path,
-)
 
 log = logging.getLogger(__name__)
 
-TASK_FORMAT = "vilbert-data/task"
 REGION_MEMBERS = ("features.npy", "spatial.npy", "boxes.npy", "cls_prob.npy")
-
-
-class ShardError(ValueError):
-    """Bad input to the shard job (feature set, options); the message names the input."""
-
-
-# ----------------------------------------------------------------------------- tar streaming
-
-
-def _octal(field: bytes) -> int:
-    """Number in a tar header field (octal text, or base-256 for large GNU sizes)."""
-    if field and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header, if any."""
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        pos += length
-    return None
-
-
-def _skip(stream: IO[bytes], n: int, name: str) -> None:
-    """Move `n` bytes ahead in a tar stream without keeping them (a seek where the stream can)."""
-    if n <= 0:
-        return
-    seekable = getattr(stream, "seekable", None)
-    if seekable is not None and seekable():
-        stream.seek(n - 1, io.SEEK_CUR)
-        if not stream.read(1):  # a seek past the end does not fail: check the last byte is there
-            raise ShardError(f"{name}: truncated tar (member cut short)")
-        return
-    while n > 0:
-        chunk = stream.read(min(n, 1 << 20))
-        if not chunk:
-            raise ShardError(f"{name}: truncated tar (member cut short)")
-        n -= len(chunk)
-
-
-def sample_key(member: str) -> tuple[str, str]:
-    """(WebDataset key, suffix) of a tar member name: the key is the base name up to its first dot."""
-    key, _, suffix = member.rsplit("/", 1)[-1].partition(".")
-    return key, suffix
-
-
-def iter_tar_members(
-    stream: IO[bytes], name: str = "<stream>", keep: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytearray | None]]:
-    """(member name, bytes) of the regular files of an uncompressed tar stream, in order.
-
-    A small header parser instead of `tarfile`: reading WebDataset samples is the data loader's hot
-    loop and `tarfile`'s per-member Python overhead dominated it. Handles ustar (with prefix), GNU
-    long names and pax path records, which is what `tarfile` and `webdataset.TarWriter` write.
-    With `keep`, a member whose name it rejects is not read (skipped over) and comes with None.
-    """
-    long_name: str | None = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512 or header == b"\0" * 512:
-            if 0 < len(header) < 512:
-                raise ShardError(f"{name}: truncated tar (partial header)")
-            return
-        if header[257:262] != b"ustar":
-            raise ShardError(f"{name}: not a tar file (no ustar header)")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        padded = size + (-size % 512)  # members are padded to the next 512-byte block
-        if kind not in (b"0", b"\0", b"7", b"L", b"x"):
-            long_name = None
-            _skip(stream, padded, name)
-            continue  # directories, links, global pax headers: not sample data
-        member = long_name
-        if member is None:
-            prefix = header[345:500].split(b"\0", 1)[0]
-            base = header[0:100].split(b"\0", 1)[0]
-            member = (prefix + b"/" + base if prefix else base).decode("utf-8")
-        if kind not in (b"L", b"x") and keep is not None and not keep(member):
-            long_name = None
-            _skip(stream, padded, name)
-            yield member, None
-            continue
-        data = bytearray(size)  # writable: the loader wraps arrays around it without a copy
-        if stream.readinto(data) < size:
-            raise ShardError(f"{name}: truncated tar (member cut short)")
-        stream.read(padded - size)
-        if kind in (b"L", b"x"):  # GNU long name / pax header: they name the next member
-            long_name = bytes(data).rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(bytes(data))
-            continue
-        long_name = None
-        yield member, data
-
-
-def iter_tar_samples(
-    stream: IO[bytes], name: str = "<stream>", keep: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, dict[str, bytearray]]]:
-    """(key, {member suffix: bytes}) for each WebDataset sample of a tar stream, in file order.
-
-    With `keep`, the members of samples whose key it rejects are skipped unread: such a sample
-    comes as (key, {}).
-    """
-    keep_member = None if keep is None else (lambda member: keep(sample_key(member)[0]))
-    key: str | None = None
-    sample: dict[str, bytearray] = {}
-    for member, data in iter_tar_members(stream, name, keep_member):
-        k, suffix = sample_key(member)
-        if k != key:
-            if key is not None:
-                yield key, sample
-            key, sample = k, {}
-        if data is not None:
-            sample[suffix] = data
-    if key is not None:
-        yield key, sample
-
-
-class TaskShardWriter:
-    """Numbered task shards with at most `shard_size` samples; each tar is renamed into place when full."""
-
-    def __init__(self, out: Path, shard_size: int) -> None:
-        self.out, self.shard_size = out, shard_size
-        self.shards: list[str] = []
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-        self._rows: list[dict[str, Any]] = []
-
-    def write(self, key: str, members: dict[str, bytes], row: dict[str, Any]) -> None:
-        """Add one sample (members named `key.suffix`) and its parquet index row."""
-        if self._tar is None:
-            name = f"task-{len(self.shards):06d}.tar"
-            self.shards.append(name)
-            self._tmp = temp_path(self.out / name)
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reruns give identical bytes
-            self._tar.addfile(info, io.BytesIO(data))
-        self._rows.append({"image_id": key, "shard": self.shards[-1], **row})
-        if len(self._rows) >= self.shard_size:
-            self.close()
-
-    def close(self) -> None:
-        """Finish the open shard: rename the tar into place, then write its parquet index."""
-        if self._tar is None:
-            return
-        self._tar.close()
-        name = self.shards[-1]
-        publish(self._tmp, self.out / name)
-        atomic_write_table(self.out / name.replace(".tar", ".parquet"), pa.Table.from_pylist(self._rows))
-        self._tar, self._tmp, self._rows = None, None, []
-
-
-# ----------------------------------------------------------------------------- feature set
-
-
-@dataclass
-class FeatureSet:
-    """What the shard job needs from a feature set: its description and the ok images' ids and sources."""
-
-    root: Path
-    info: dict[str, Any]
-    sha256: str
-    shards: list[str]
-    images: list[tuple[str, str | None]]
-
-    @property
-    def feature_dim(self) -> int:
-        """Region feature size D."""
-        return int(self.info["feature_dim"])
-
-
-def open_feature_set(root: str | Path) -> FeatureSet:
-    """Read `dataset.json` and the per-shard parquet indexes (ids and sources of the ok images)."""
-    root = Path(root)
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        raise ShardError(f"{root}: not a feature set (no dataset.json); run `vilbert-data extract` first")
-    raw = meta_path.read_bytes()
-    try:
-        info = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{meta_path}: not valid JSON: {exc}") from exc
-    missing = [k for k in ("feature_layer", "feature_dim", "shards") if k not in info]
-    if info.get("format") != "vilbert-data/features" or missing:
-        raise ShardError(
-            f"{meta_path}: not a vilbert-data feature set description (missing {missing or 'format'})"
-        )
-    images: list[tuple[str, str | None]] = []
-    for shard in info["shards"]:
-        if not (root / shard).is_file():
-            raise ShardError(f"{root / shard}: feature shard listed in dataset.json is missing")
-        index = root / shard.replace(".tar", ".parquet")
-        if index.is_file():
-            table = pq.read_table(index, columns=["image_id", "source", "status"]).to_pylist()
-            images.extend((r["image_id"], r["source"]) for r in table if r["status"] == "ok")
-        else:  # no index: list the tar's keys (headers only, features skipped)
-            log.warning("%s: no parquet index, listing the tar instead", index)
-            with open(root / shard, "rb") as f:
-                keys = iter_tar_samples(f, str(root / shard), keep=lambda _key: False)
-                images.extend((key, None) for key, _ in keys)
-    return FeatureSet(root, info, hashlib.sha256(raw).hexdigest(), list(info["shards"]), images)
 
 
 # ----------------------------------------------------------------------------- per-task records
@@ -434,7 +218,8 @@ def run_shard(
     except ValueError as err:
         raise ShardError(str(err)) from None
     answer_list = read_answers_option(answers) if (task == "vqa" and answers) else None
-    fs = open_feature_set(features)
+    fs = FeatureSet.open(features)
+    fs.require("feature_layer", "feature_dim", "shards")
     _refuse_what_the_features_lack(fs, task)
     anns = read_task_annotations(task, annotations, split, images_dir=images)
     try:
@@ -457,13 +242,15 @@ def _write_task_dir(
     detector_config: Any, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """The body of run_shard once its inputs are checked: write the shards, the report and task.json."""
-    for stale in [out / "task.json", out / STATS_FILE, *out.glob("task-*.tar"), *out.glob("task-*.parquet")]:
+    for stale in [out / "task.json", out / STATS_FILE, *out.glob(f"{SHARD_PREFIX}*.tar"),
+                  *out.glob(f"{SHARD_PREFIX}*.parquet")]:  # fmt: skip
         stale.unlink(missing_ok=True)  # a previous run: task.json first, so the folder reads as incomplete
     remove_stale_temps(out)  # half-written shards of a killed run
     report = out / "report"
     report.mkdir(exist_ok=True)
 
-    by_image, missing = join_annotations(anns, ImageMatcher(fs.images))
+    images = fs.ok_images()
+    by_image, missing = join_annotations(anns, ImageMatcher(images))
     answer_file, vocab, odd_answers = None, None, []
     if task == "vqa":
         vocab = attach_vqa_targets(anns, answers, min_answer_count, split)
@@ -482,28 +269,26 @@ def _write_task_dir(
     without_annotations: list[str] = []
     n_records = 0
     failures: list[dict[str, str]] = []
-    bar = progress_bar(len(fs.images), f"shard {task}/{split}", "img", progress)
-    for shard in fs.shards:
-        with open(fs.root / shard, "rb") as f:
-            # Images without annotations in this split are skipped unread (their sample is empty).
-            for key, sample in iter_tar_samples(f, str(fs.root / shard), keep=by_image.__contains__):
-                bar.update(1)
-                group = by_image.get(key)
-                if group is None:
-                    without_annotations.append(key)
-                    continue
-                if key in written:
-                    continue  # the same image twice in a feature set: first copy wins
-                try:
-                    members, row, regions = _task_sample(key, sample, group, task, fs, given_boxes)
-                except Exception as exc:  # one bad image must not stop a long job: record it and go on
-                    failures.append({"image_id": key, "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                writer.write(key, members, row)
-                for feats in regions:
-                    stats.add(feats)
-                written.add(key)
-                n_records += len(group)
+    bar = progress_bar(len(images), f"shard {task}/{split}", "img", progress)
+    # Images without annotations in this split are skipped unread (their sample is empty).
+    for key, sample in fs.samples(keep=by_image.__contains__):
+        bar.update(1)
+        group = by_image.get(key)
+        if group is None:
+            without_annotations.append(key)
+            continue
+        if key in written:
+            continue  # the same image twice in a feature set: first copy wins
+        try:
+            members, row, regions = _task_sample(key, sample, group, task, fs, given_boxes)
+        except Exception as exc:  # one bad image must not stop a long job: record it and go on
+            failures.append({"image_id": key, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        writer.write(key, members, row)
+        for feats in regions:
+            stats.add(feats)
+        written.add(key)
+        n_records += len(group)
     bar.close()
     writer.close()
     for image_id in sorted(set(by_image) - written - {f["image_id"] for f in failures}):

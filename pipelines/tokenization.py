@@ -17,12 +17,13 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.processors import TemplateProcessing
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_TEXT_LEN = 36  # tokens per text, [CLS] and [SEP] included (the paper's setting)
 
 
 class TextTokenizer:
     """An uncased WordPiece tokenizer producing ids and segment ids with [CLS]/[SEP] and truncation."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int = 36) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_len: int = MAX_TEXT_LEN) -> None:
         if max_len < 3:
             raise ValueError(f"max_len must be >= 3 to hold [CLS] x [SEP], got {max_len}")
         vocab = tokenizer.get_vocab()
@@ -46,7 +47,7 @@ class TextTokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_len: int = 36) -> TextTokenizer:
+    def from_pretrained(cls, path: str | Path, max_len: int = MAX_TEXT_LEN) -> TextTokenizer:
         """Load from a `vocab.txt` file or a folder holding `tokenizer.json` or `vocab.txt`."""
         path = Path(path)
         if path.is_dir():

@@ -154,7 +154,7 @@ def answer_targets(answers: Sequence[str], answer_to_id: Mapping[str, int]) -> t
 
 def save_answer_vocab(answers: Sequence[str], path: str | Path) -> None:
     """Write the answer list as JSON (index = class id), atomically."""
-    from pipelines.writers import atomic_write_bytes
+    from pipelines.fileio import atomic_write_bytes
 
     text = json.dumps(list(answers), ensure_ascii=False, indent=0) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))

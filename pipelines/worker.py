@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.fileio import disk_full_error, is_disk_full
+from pipelines.formats.features import FeatureShardWriter, encode_detections
 from pipelines.planner import ShardPlan
 from pipelines.sources import SourceItem, is_url
-from pipelines.writers import FeatureShardWriter, disk_full_error, encode_detections, is_disk_full
 
 ProgressFn = Callable[[int, int], None]  # (images ok so far, images failed so far) within the shard
 

@@ -138,7 +138,7 @@ def write_vocab(path: Path, words: list[str]) -> Path:
 
 def read_task_samples(taskdir: Path) -> dict[str, dict[str, bytes]]:
     """All samples of a TASKDIR's shards, keyed by image id."""
-    from pipelines.shard_job import iter_tar_samples
+    from pipelines.formats.tar import iter_tar_samples
 
     out = {}
     for shard in json.loads((taskdir / "task.json").read_text())["shards"]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipelines.datasets import Regions, TaskDataset, swap_regions
+from pipelines.formats.tasks import iter_task_records
 from vilbert_core.evaluation.baselines import (
     QuestionPrior,
-    iter_task_records,
     normalize_question,
     refcoco_chance,
     retrieval_chance,

@@ -112,8 +112,8 @@ def test_the_bad_input_zoo_in_one_cli_run(tmp_path: Path, caplog) -> None:
 
     from extract import load_image
     from pipelines.extract_job import ExtractOptions
+    from pipelines.formats.features import encode_detections
     from pipelines.worker import DetectorSpec
-    from pipelines.writers import encode_detections
 
     expected = make_zoo(tmp_path / "in")
     out = tmp_path / "out"

@@ -128,7 +128,7 @@ class DiskFullAfterFirstShard:
     def __call__(self):
         import torch
 
-        from pipelines import writers
+        from pipelines.formats import features as writers
 
         torch.set_num_threads(1)  # as in the reference's 2 workers on 2 CPUs: CPU bytes depend on it
         if not self.full:

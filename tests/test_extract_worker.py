@@ -217,8 +217,8 @@ def test_a_full_disk_stops_the_shard_in_one_line_and_leaves_nothing_behind(
 ) -> None:
     import errno
 
-    from pipelines import writers
-    from pipelines.writers import DiskFullError
+    from pipelines.fileio import DiskFullError
+    from pipelines.formats import features as writers
 
     (plan,) = plan_shards(list_sources(_png_folder(tmp_path / "in", [20, 21, 22])), 3)
     out = tmp_path / "out"

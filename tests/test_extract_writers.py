@@ -1,4 +1,4 @@
-"""Shard writing (pipelines.writers): member names/dtypes, atomic publication, byte-identical output."""
+"""Shard writing (pipelines.formats.features): member names/dtypes, atomic publication, byte-identical output."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import writers
-from pipelines.writers import FeatureShardWriter, encode_detections, remove_stale_temps
+from pipelines.fileio import remove_stale_temps
+from pipelines.formats import features as writers
+from pipelines.formats.features import FeatureShardWriter, encode_detections
 
 
 @dataclass

@@ -11,7 +11,8 @@ import pytest
 import torch
 from shard_fixtures import make_image, write_feature_set
 
-from pipelines.feature_stats import STD_FLOOR, FeatureStats, RunningFeatureStats, load_task_feature_stats
+from pipelines.feature_stats import STD_FLOOR, FeatureStats, RunningFeatureStats
+from pipelines.formats.tasks import load_task_feature_stats
 from pipelines.shard_job import run_shard
 from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.training.trainer import TrainArgs, TrainingError, run_train

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from pipelines.formats.features import FeatureShardWriter, encode_detections
 from pipelines.inspect import box_labels, format_summary, load_sample, load_vocabs, render_picture, summarize
-from pipelines.writers import FeatureShardWriter, encode_detections
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

@@ -64,7 +64,7 @@ def test_coco_captions_round_trip(tmp_path, feats) -> None:
     assert json.loads(samples[a]["ann.json"]) == [{"caption": "A dog runs."}, {"caption": "a brown dog"}]
     assert json.loads(samples[b]["ann.json"]) == [{"caption": "two cats"}]
     assert json.loads(samples[a]["meta.json"]) == {"image_id": a, "width": 100, "height": 80, "num_boxes": 5}
-    from pipelines.shard_job import load_npy
+    from pipelines.formats.npy import load_npy
 
     np.testing.assert_array_equal(load_npy(samples[b]["features.npy"]), images[b].features)
     np.testing.assert_array_equal(load_npy(samples[b]["cls_prob.npy"]), images[b].cls_prob)

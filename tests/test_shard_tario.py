@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from pipelines.shard_job import ShardError, iter_tar_samples
+from pipelines.formats.tar import ShardError, iter_tar_samples
 
 
 def _tar(members: list[tuple[str, bytes]], fmt: int) -> bytes:

@@ -10,7 +10,8 @@ from PIL import Image
 from shard_fixtures import make_image, read_task_samples, write_feature_set, write_vocab
 
 from pipelines.datasets import TaskDataset
-from pipelines.shard_job import load_npy, run_shard
+from pipelines.formats.npy import load_npy
+from pipelines.shard_job import run_shard
 from pipelines.tokenization import TextTokenizer
 
 GT = [[2.0, 4.0, 30.0, 40.0], [10.0, 10.0, 60.0, 50.0]]  # two ground-truth boxes in a 64 x 48 image

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.writers import atomic_write_json
+from extract.config import CLS_PROB_DIM
+from pipelines.fileio import atomic_write_json
 
 # Values the reference code (vilbert-multi-task `BertConfig.__init__`) uses for keys missing from its JSON.
 # They differ from the paper configuration on purpose: a reference JSON that omits a key gets what the
@@ -26,7 +27,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "type_vocab_size": 2,
     "initializer_range": 0.02,
     "v_feature_size": 2048,
-    "v_target_size": 1601,
+    "v_target_size": CLS_PROB_DIM,
     "v_hidden_size": 768,
     "v_num_hidden_layers": 3,
     "v_num_attention_heads": 12,
@@ -67,7 +68,7 @@ class ViLBERTConfig:
     pad_token_id: int = 0
     # visual stream
     v_feature_size: int = 2048
-    v_target_size: int = 1601
+    v_target_size: int = CLS_PROB_DIM
     v_hidden_size: int = 1024
     v_num_hidden_layers: int = 6
     v_num_attention_heads: int = 8

@@ -8,7 +8,8 @@
 | `npz-dir`      | npz_dir.py      | per-image .npz / .npy (bottom-up-attention.pytorch, detectron2 extractors) |
 
 `get_reader(name)` returns a `FeatureReader` (interface in common.py); `detect_format(sources)` is
-`--format auto`. `butd-tsv` and `vilbert-lmdb` also have writers, used by `vilbert-data export`.
+`--format auto`. `butd-tsv` and `vilbert-lmdb` also have writers, used by `vilbert-data export`
+(their table: `pipelines.formats.writers.WRITERS`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.feature_formats.common import FeatureReader, FormatError, Part, Record, RecordError
+from pipelines.formats.writers import load_class
 
-FORMATS = ("butd-tsv", "lxmert-tsv", "vilbert-lmdb", "npz-dir")
-EXPORT_FORMATS = ("butd-tsv", "vilbert-lmdb")
+# --format name -> "module:Class"; the module is imported only when that layout is read
+READERS = {
+    "butd-tsv": "pipelines.feature_formats.butd_tsv:ButdTsvReader",
+    "lxmert-tsv": "pipelines.feature_formats.lxmert_tsv:LxmertTsvReader",
+    "vilbert-lmdb": "pipelines.feature_formats.vilbert_lmdb:VilbertLmdbReader",
+    "npz-dir": "pipelines.feature_formats.npz_dir:NpzDirReader",
+}
+FORMATS = tuple(READERS)
 LXMERT_FIELDS = 10
 BUTD_FIELDS = (6, 7, 8)
 
 __all__ = [
-    "EXPORT_FORMATS",
     "FORMATS",
     "FeatureReader",
     "FormatError",
@@ -37,23 +44,9 @@ __all__ = [
 
 def get_reader(name: str) -> FeatureReader:
     """A fresh reader of format `name`."""
-    if name == "butd-tsv":
-        from pipelines.feature_formats.butd_tsv import ButdTsvReader
-
-        return ButdTsvReader()
-    if name == "lxmert-tsv":
-        from pipelines.feature_formats.lxmert_tsv import LxmertTsvReader
-
-        return LxmertTsvReader()
-    if name == "vilbert-lmdb":
-        from pipelines.feature_formats.vilbert_lmdb import VilbertLmdbReader
-
-        return VilbertLmdbReader()
-    if name == "npz-dir":
-        from pipelines.feature_formats.npz_dir import NpzDirReader
-
-        return NpzDirReader()
-    raise FormatError(f"--format must be auto or one of {', '.join(FORMATS)}, got {name!r}")
+    if name not in READERS:
+        raise FormatError(f"--format must be auto or one of {', '.join(FORMATS)}, got {name!r}")
+    return load_class(READERS[name])()
 
 
 def detect_format(sources: list[str]) -> str:

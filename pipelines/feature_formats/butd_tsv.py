@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.config import ATTR_PROB_DIM, CLS_PROB_DIM
 from pipelines.feature_formats.common import (
-    NUM_ATTRIBUTES,
-    NUM_CLASSES,
     Entry,
     Record,
     b64_array,
@@ -27,6 +26,7 @@ from pipelines.feature_formats.common import (
     to_int,
 )
 from pipelines.feature_formats.tsv import TsvReader
+from pipelines.formats.writers import FeatureWriter
 
 
 class ButdTsvReader(TsvReader):
@@ -46,9 +46,9 @@ class ButdTsvReader(TsvReader):
             features=rows(b64_array(fields[5], "features"), k, None, "features"),
         )
         if len(fields) > 6 and fields[6]:
-            record.cls_prob = rows(b64_array(fields[6], "cls_prob"), k, NUM_CLASSES, "cls_prob")
+            record.cls_prob = rows(b64_array(fields[6], "cls_prob"), k, CLS_PROB_DIM, "cls_prob")
         if len(fields) > 7 and fields[7]:
-            record.attributes = best_of(rows(b64_array(fields[7], "attrs"), k, NUM_ATTRIBUTES, "attrs"))
+            record.attributes = best_of(rows(b64_array(fields[7], "attrs"), k, ATTR_PROB_DIM, "attrs"))
         return record
 
 
@@ -57,12 +57,12 @@ def b64(array: np.ndarray) -> bytes:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes())
 
 
-class ButdTsvWriter:
+class ButdTsvWriter(FeatureWriter):
     """Writes records as butd-tsv lines into an open binary file."""
 
     def __init__(self, path: Path, with_cls_prob: bool) -> None:
+        super().__init__(path, with_cls_prob)
         self.f = open(path, "wb")  # closed by close()
-        self.with_cls_prob = with_cls_prob
 
     def write(
         self, image_id: str, width: int, height: int, boxes: np.ndarray, features: np.ndarray,

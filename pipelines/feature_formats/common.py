@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-NUM_CLASSES = 1601  # cls_prob columns: background + 1600 Visual Genome classes (contracts.md section 1)
-NUM_ATTRIBUTES = 401  # "no attribute" + 400 attributes
+from extract.config import CLS_PROB_DIM
+
 MAX_LINE_BYTES = 256 * 1024**2  # a longer TSV "line" is a file that is not a TSV, not a record
 
 
@@ -258,7 +258,7 @@ def record_from_mapping(obj: Any, default_id: str, what: str) -> Record:
         features=rows(b64_array(_pick(m, ("features", "x")), "features"), k, None, "features"),
     )
     if m.get("cls_prob") is not None:
-        record.cls_prob = rows(b64_array(m["cls_prob"], "cls_prob"), k, NUM_CLASSES, "cls_prob")
+        record.cls_prob = rows(b64_array(m["cls_prob"], "cls_prob"), k, CLS_PROB_DIM, "cls_prob")
     for name, attr in (("objects", "objects"), ("attrs", "attributes")):
         ids, conf = m.get(f"{name}_id"), m.get(f"{name}_conf")
         if ids is not None and conf is not None:

@@ -32,6 +32,7 @@ from pipelines.feature_formats.common import (
     record_from_mapping,
     safe_unpickle,
 )
+from pipelines.formats.writers import FeatureWriter
 
 KEYS = b"keys"
 MAP_SIZE = 1 << 40  # address space only: LMDB files grow as written (sparse), as the releases' scripts do
@@ -146,14 +147,17 @@ def id_value(image_id: str) -> int | str:
     return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
 
 
-class VilbertLmdbWriter:
+class VilbertLmdbWriter(FeatureWriter):
     """Writes records into a new LMDB environment at `path` (a folder), then the `keys` list."""
+
+    folder = True
+    kind = "an LMDB environment"
 
     def __init__(self, path: Path, with_cls_prob: bool, commit_every: int = 256) -> None:
         import lmdb
 
+        super().__init__(path, with_cls_prob)
         self.env = lmdb.open(str(path), map_size=MAP_SIZE, subdir=True, meminit=False)
-        self.with_cls_prob = with_cls_prob
         self.commit_every = commit_every
         self.keys: list[bytes] = []
         self.txn = self.env.begin(write=True)
@@ -183,6 +187,11 @@ class VilbertLmdbWriter:
             self.txn.commit()
             self.txn = self.env.begin(write=True)
         return len(value)
+
+    @classmethod
+    def is_own_output(cls, path: Path) -> bool:
+        """An LMDB environment folder (data.mdb inside)."""
+        return path.is_dir() and (path / "data.mdb").is_file()
 
     def close(self) -> None:
         """Write the key list, commit, flush to disk and close."""

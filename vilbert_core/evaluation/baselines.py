@@ -11,12 +11,10 @@ Pure functions over records and tensors: nothing here touches a model.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -84,23 +82,6 @@ class QuestionPrior:
         if answer is None and question_type:
             answer = self.by_type.get(question_type)
         return answer if answer is not None else self.majority
-
-
-def iter_task_records(taskdir: str | Path) -> Iterator[dict]:
-    """Every record (ann.json) of a TASKDIR's shards, reading no region features."""
-    from pipelines.shard_job import iter_tar_members
-
-    taskdir = Path(taskdir)
-    info_path = taskdir / "task.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{taskdir}: no task.json; is this a TASKDIR written by `vilbert-data shard`?")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    shards = info.get("shards") or sorted(p.name for p in taskdir.glob("task-*.tar"))
-    for shard in shards:
-        with open(taskdir / shard, "rb") as f:
-            for _name, data in iter_tar_members(f, str(taskdir / shard), lambda m: m.endswith(".ann.json")):
-                if data is not None:
-                    yield from json.loads(data)
 
 
 def refcoco_chance(region_iou: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ per split (the `split` of each task.json).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,11 +26,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.writers import atomic_write_json, check_out_dir, make_out_dir
-from vilbert_core.training.tasks import vcr_pair_logits
-from vilbert_core.training.trainer import SHARD_TASK  # the shard task each task reads
+from extract.devices import autocast, check_precision
+from pipelines.fileio import atomic_write_json, check_out_dir, make_out_dir
+from pipelines.formats.tasks import answers_path, iter_task_records, read_task_json
+from vilbert_core.batches import (
+    IMAGE_KEYS,
+    SHARD_TASK,
+    TEXT_KEYS,
+    batch_to_device,
+    model_inputs,
+    vcr_pair_logits,
+)
 
-from .baselines import QuestionPrior, iter_task_records, refcoco_chance, retrieval_chance, vcr_chance
+from .baselines import QuestionPrior, refcoco_chance, retrieval_chance, vcr_chance
 from .loading import EvalError, LoadedModel, load_model
 from .metrics import (
     RECALL_KS,
@@ -49,7 +56,7 @@ from .metrics import (
 logger = logging.getLogger(__name__)
 
 EVAL_TASKS = ("pretrain", "vqa", "vcr", "refcoco", "retrieval")
-MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "image_feat", "image_loc", "image_mask")
+EVAL_PRECISIONS = ("fp32", "bf16")
 # A model whose score falls by less than this (points) when every image's regions are another image's
 # does not use the image: the report says so.
 VISION_DROP_MIN = 1.0
@@ -60,20 +67,11 @@ ALIGNMENT_MARGIN = 5.0
 
 # ---------------------------------------------------------------------------------------------- helpers
 def read_task_info(data_dir: Path) -> dict[str, Any]:
-    """task.json of a TASKDIR, with a clear error when it is missing."""
-    from pipelines.datasets import check_task_source
-
-    info_path = data_dir / "task.json"
-    if not info_path.is_file():
-        try:  # say what is there instead: nothing, a feature set, an unfinished shard run
-            check_task_source(str(data_dir), "--data")
-        except ValueError as err:
-            raise EvalError(str(err)) from None
-        raise EvalError(f"--data {data_dir}: no task.json; is this a TASKDIR written by `vilbert-data shard`?")
+    """task.json of a TASKDIR, with a clear error when it is missing (saying what is there instead) or damaged."""
     try:
-        return json.loads(info_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{info_path}: not valid JSON ({err}); rerun `vilbert-data shard` for this folder") from None
+        return read_task_json(data_dir, "--data")
+    except ValueError as err:
+        raise EvalError(str(err)) from None
 
 
 def _split_name(info: dict[str, Any], data_dir: Path, taken: set[str]) -> str:
@@ -120,12 +118,7 @@ def _batches(
     )
     source = ds if num_workers == 0 else DataLoader(ds, batch_size=None, num_workers=num_workers)
     for batch in source:
-        yield {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model inputs of a flat batch."""
-    return {k: batch[k] for k in MODEL_KEYS}
+        yield batch_to_device(batch, loaded.device)
 
 
 def _check_feature_dim(loaded: LoadedModel, info: dict[str, Any], data_dir: Path) -> None:
@@ -164,7 +157,7 @@ def _vqa_pass(
     desc = "vqa, images shuffled" if swap_images else "vqa"
     bar = tqdm(total=_record_count(info), desc=desc, unit="q", disable=not progress)
     for batch in _batches(loaded, data_dir, "vqa", batch_size, 0, num_workers, swap_images):
-        logits = loaded.model(**_inputs(batch)).vqa_logits  # (B,A)
+        logits = loaded.model(**model_inputs(batch)).vqa_logits  # (B,A)
         for qid, a, gts, atype, qtype, text in zip(
             batch["question_id"].tolist(),
             logits.argmax(-1).tolist(),
@@ -225,12 +218,13 @@ def eval_vqa(
     every image's regions replaced by another image's; the drop shows how much the model uses the image.
     """
     _require_kind(loaded, "vqa")
-    if loaded.answers is None and info.get("answer_vocab"):
+    shard_answers = answers_path(data_dir, info)
+    if loaded.answers is None and shard_answers is not None:
         from pipelines.vqa_answers import load_answer_vocab
 
         # the shards' answer list is the training split's (docs/contracts.md section 3)
-        loaded.answers = load_answer_vocab(data_dir / info["answer_vocab"])
-        logger.warning("no answer list with the model; using %s", data_dir / info["answer_vocab"])
+        loaded.answers = load_answer_vocab(shard_answers)
+        logger.warning("no answer list with the model; using %s", shard_answers)
     if loaded.answers is None:
         raise EvalError("vqa needs the answer list: a run directory with answers.json, or --answers FILE")
     if len(loaded.answers) != loaded.model.config.num_answers:
@@ -359,7 +353,7 @@ def _refcoco_pass(
     desc = "refcoco, features shuffled" if swap_images else "refcoco"
     bar = tqdm(total=_record_count(info), desc=desc, unit="ref", disable=not progress)
     for batch in _batches(loaded, data_dir, "refcoco", batch_size, 0, num_workers, swap_images):
-        logits = loaded.model(**_inputs(batch)).region_logits  # (B,R)
+        logits = loaded.model(**model_inputs(batch)).region_logits  # (B,R)
         valid = batch["image_mask"].bool().clone()
         valid[:, 0] = False  # the global [IMG] region is not a box to point at
         correct = refcoco_correct(logits, batch["region_iou"], valid)
@@ -448,7 +442,7 @@ def eval_pretrain(
             )
         # the MLM / MRM heads run only on the scored positions: masked tokens and regions of aligned pairs
         tokens, regions = pretraining_positions(mlm_labels, region_labels, aligned)
-        inputs = {**_inputs(batch), "input_ids": ids, "image_feat": feat}
+        inputs = {**model_inputs(batch), "input_ids": ids, "image_feat": feat}
         out = loaded.model(**inputs, mlm_positions=tokens, mrm_positions=regions)
         for total, part in (
             (sums_tok, masked_token_stats(out.mlm_logits, mlm_labels[tokens], IGNORE_INDEX)),
@@ -486,55 +480,29 @@ def read_retrieval_set(
     Returns (image tensors {image_feat (N,R,D), image_loc (N,R,5), image_mask (N,R)},
     text tensors {input_ids, token_type_ids, attention_mask (M,T)}, caption -> image index (M,), image ids).
     """
-    import webdataset as wds
+    from pipelines.datasets import TaskDataset, collate_regions, collate_texts
 
-    from pipelines.datasets import build_regions, collate, expand_urls
-    from pipelines.shard_job import iter_tar_samples
-
-    urls, _ = expand_urls(str(data_dir))
-    examples: list[dict] = []
-    texts: list[str] = []
-    caption_image: list[int] = []
-    for url in urls:
-        if max_images is not None and len(examples) >= max_images:
-            break
-        with wds.gopen(url, "rb") as stream:
-            for key, sample in iter_tar_samples(stream, url):
-                if max_images is not None and len(examples) >= max_images:
-                    break
-                records = json.loads(sample["ann.json"])
-                regions = build_regions(sample, loaded.max_regions)
-                if regions.feat.shape[1] != loaded.feature_dim:
-                    raise EvalError(
-                        f"{url}: sample {key} has {regions.feat.shape[1]}-d features, the model expects "
-                        f"{loaded.feature_dim}-d"
-                    )
-                for r in records:
-                    texts.append(r["caption"])
-                    caption_image.append(len(examples))
-                examples.append(
-                    {
-                        "task": "retrieval",
-                        "image_id": key,
-                        "texts": [([0], [0])],
-                        "regions": [regions],
-                        "label": 0,
-                    }
-                )
-    if not examples or not texts:
+    ds = TaskDataset(
+        str(data_dir), "retrieval", loaded.tokenizer, batch_size=None, max_text_len=loaded.max_text_len,
+        max_regions=loaded.max_regions, shuffle_buffer=1, feature_dim=loaded.feature_dim,
+    )  # fmt: skip
+    regions, image_ids, texts, caption_image = [], [], [], []
+    try:
+        for key, records, image_regions in ds.images():
+            if max_images is not None and len(image_ids) >= max_images:
+                break
+            texts.extend(r["caption"] for r in records)
+            caption_image.extend([len(image_ids)] * len(records))
+            regions.append(image_regions)
+            image_ids.append(key)
+    except ValueError as err:  # a sample of another feature size than the model's
+        raise EvalError(f"--data {data_dir}: {err}") from None
+    if not image_ids or not texts:
         raise EvalError(f"--data {data_dir}: no images or no captions")
-    # collate pads the regions; the dummy text of each image is dropped
-    img_batch = collate(examples)
-    images = {k: img_batch[k] for k in ("image_feat", "image_loc", "image_mask")}
-    encoded = loaded.tokenizer.encode_batch(texts)
-    t = max(len(ids) for ids, _ in encoded)
-    text = {k: torch.zeros(len(encoded), t, dtype=torch.long) for k in MODEL_KEYS[:3]}
-    text["input_ids"].fill_(loaded.tokenizer.pad_id)
-    for i, (ids, seg) in enumerate(encoded):
-        text["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        text["token_type_ids"][i, : len(seg)] = torch.tensor(seg)
-        text["attention_mask"][i, : len(ids)] = 1
-    return images, text, torch.tensor(caption_image), [e["image_id"] for e in examples]
+    images = collate_regions(regions, (len(regions),))
+    del images["image_target"]  # scoring reads no class distributions
+    text = collate_texts(ds.tokenizer.encode_batch(texts), (len(texts),), ds.tokenizer.pad_id)
+    return images, text, torch.tensor(caption_image), image_ids
 
 
 @torch.inference_mode()
@@ -563,7 +531,7 @@ def score_all_pairs(
     # (N_img, R, v_hidden): once per image
     image_states = torch.cat(
         [
-            model.vilbert.embed_image(*(images[k][i : i + batch_size].to(dev) for k in MODEL_KEYS[3:]))
+            model.vilbert.embed_image(*(images[k][i : i + batch_size].to(dev) for k in IMAGE_KEYS))
             for i in range(0, n_img, batch_size)
         ]
     )
@@ -574,7 +542,7 @@ def score_all_pairs(
             # (n, T, hidden): once per caption
             text_states = torch.cat(
                 [
-                    model.vilbert.embed_text(*(chunk[k][i : i + batch_size] for k in MODEL_KEYS[:3]))
+                    model.vilbert.embed_text(*(chunk[k][i : i + batch_size] for k in TEXT_KEYS))
                     for i in range(0, n, batch_size)
                 ]
             )
@@ -769,8 +737,10 @@ def run_eval(
         raise EvalError(f"--task {task!r} is not one of {', '.join(EVAL_TASKS)}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision not in ("fp32", "bf16"):
-        raise EvalError(f"--precision must be fp32 or bf16, got {precision!r}")
+    try:
+        check_precision(precision, EVAL_PRECISIONS)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     check_out_dir(out)  # before the model is loaded
     loaded = (
         model
@@ -795,7 +765,7 @@ def run_eval(
         _check_feature_dim(loaded, info, data_dir)
         split = _split_name(info, data_dir, set(results))
         # bf16 autocast only wraps the forward passes; metrics are computed from fp32 copies
-        with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision, loaded.device.type):
             if task == "vqa":
                 metrics, extra = eval_vqa(
                     loaded, data_dir, info, batch_size, progress, num_workers, prior, vision_check

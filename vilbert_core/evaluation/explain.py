@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.writers import atomic_write_json
+from pipelines.fileio import atomic_write_json
+from pipelines.formats.features import FeatureSet
+from pipelines.formats.npy import load_npy
 
 from .loading import EvalError, LoadedModel, load_model
 from .plots import save_figure
@@ -37,46 +39,24 @@ SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def read_feature_sample(features: str | Path, image_id: str) -> dict[str, bytes]:
+def read_feature_sample(features: str | Path, image_id: str) -> dict[str, bytearray]:
     """The members of one image's sample in a feature set ({"boxes.npy": bytes, ..., "json": bytes}).
 
     The per-shard parquet indexes say which shard holds the image, so only that tar is read.
     """
-    import pyarrow.parquet as pq
-
-    from pipelines.shard_job import iter_tar_samples
-
     root = Path(features)
-    tars = sorted(root.glob("features-*.tar"))
-    if not tars:
+    try:
+        fs = FeatureSet.open(root, unfinished=True)
+    except ValueError as err:  # a damaged dataset.json, a shard it lists missing
+        raise EvalError(f"--features {err}") from None
+    if not fs.shards:
         raise EvalError(
-            f"--features {root}: no features-*.tar shards; is this a feature set of `vilbert-data extract`?"
+            f"--features {root}: no feature shards with their index; is this a feature set of `vilbert-data extract`?"
         )
-    known: list[str] = []
-    candidates = tars
-    indexes = sorted(root.glob("features-*.parquet"))
-    if indexes:
-        candidates = []
-        for index in indexes:
-            table = pq.read_table(index, columns=["image_id", "status"]).to_pydict()
-            rows = dict(zip(table["image_id"], table["status"], strict=True))
-            known.extend(k for k, s in rows.items() if s == "ok")
-            if image_id in rows:
-                if rows[image_id] != "ok":
-                    raise EvalError(
-                        f"--image-id {image_id}: extraction failed for this image (see {index.name})"
-                    )
-                candidates.append(index.with_suffix(".tar"))
-    for tar in candidates:
-        with open(tar, "rb") as stream:
-            for key, sample in iter_tar_samples(stream, str(tar)):
-                if key == image_id:
-                    return sample
-    import difflib
-
-    close = difflib.get_close_matches(image_id, known, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise EvalError(f"--image-id {image_id}: not in the feature set {root}{hint}")
+    try:
+        return fs.sample(image_id)
+    except KeyError as err:
+        raise EvalError(str(err)) from None
 
 
 def load_source_image(source: str, override: str | Path | None = None) -> Any:
@@ -185,7 +165,7 @@ def explain_pair(
             f"image {image_id} has {regions.feat.shape[1]}-d region features but the model expects "
             f"{loaded.feature_dim}-d"
         )
-    boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)[: regions.num_detected]  # (K,4)
+    boxes = load_npy(sample["boxes.npy"])[: regions.num_detected]  # (K,4)
     enc = loaded.tokenizer.tokenizer.encode(text)  # the same encoding as TextTokenizer.encode, with offsets
     ids, segments = enc.ids, enc.type_ids
     dev = loaded.device

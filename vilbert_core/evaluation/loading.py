@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from extract.config import MAX_BOXES
+from extract.devices import resolve_device
+from pipelines.tokenization import MAX_TEXT_LEN
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("pretraining", "tasks")
@@ -50,13 +54,6 @@ class LoadedModel:
     def feature_dim(self) -> int:
         """Region feature size the model expects."""
         return int(self.model.config.v_feature_size)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def find_train_args(path: Path) -> Path | None:
@@ -131,8 +128,8 @@ def load_model(
     if vocab is None:
         raise EvalError(f"--model {path}: no train_args.json with a vocabulary; pass --vocab (a vocab.txt)")
     answers = answers or targs.get("answers_file")
-    max_text_len = max_text_len or int(targs.get("max_text_len", 36))
-    max_regions = max_regions or int(targs.get("max_regions", 36))
+    max_text_len = max_text_len or int(targs.get("max_text_len", MAX_TEXT_LEN))
+    max_regions = max_regions or int(targs.get("max_regions", MAX_BOXES))
     try:
         kind = kind or detect_kind(weights, train_task)
     except SafetensorError as err:  # a truncated or foreign file: a message, not a traceback
@@ -172,7 +169,10 @@ def load_model(
             f"answer list {answers} has {len(answer_list)} answers but the model's VQA head has "
             f"{model.config.num_answers}"
         )
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as err:  # CUDA asked for on a machine without it
+        raise EvalError(str(err)) from None
     model.to(dev).eval()
     return LoadedModel(
         model=model,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from extract.devices import resolve_device
+
 
 @dataclass
 class DistContext:
@@ -40,11 +42,9 @@ def setup_distributed(device: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # one GPU per process of the node
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)

@@ -31,8 +31,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from pipelines.datasets import NUM_CLASSES, SWAP_TASKS, check_task_source
-from pipelines.writers import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
+from extract.config import CLS_PROB_DIM, MAX_BOXES
+from extract.devices import autocast, check_precision
+from extract.devices import resolve_precision as _resolve_precision
+from pipelines.datasets import SWAP_TASKS
+from pipelines.fileio import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
+from pipelines.formats.tasks import answers_path, check_task_source, load_task_feature_stats, read_answers
+from pipelines.formats.tasks import read_task_json as _read_task_json
+from pipelines.tokenization import MAX_TEXT_LEN
+from vilbert_core.batches import SHARD_TASK, batch_size_of, batch_to_device
 
 from .checkpointing import (
     capture_rng_state,
@@ -58,16 +65,7 @@ from .distributed import (
 from .memory import return_freed_memory_to_os
 from .metrics_log import MetricsLog, plot_curves
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import TASKS, MaskingSpec, TaskLossModule, batch_size_of, batch_to_device, validation_scores
-
-# The shard task each training task reads (`vilbert-data shard --task ...`).
-SHARD_TASK = {
-    "pretrain": "captions",
-    "vqa": "vqa",
-    "vcr": "vcr",
-    "refcoco": "refcoco",
-    "retrieval": "retrieval",
-}
+from .tasks import TASKS, MaskingSpec, TaskLossModule, validation_scores
 
 
 @dataclass(frozen=True)
@@ -118,8 +116,8 @@ class TrainArgs:
     warmup: float = 0.1  # < 1: fraction of the total steps; >= 1: a number of steps
     epochs: float | None = None
     steps: int | None = None
-    max_text_len: int = 36
-    max_regions: int = 36
+    max_text_len: int = MAX_TEXT_LEN
+    max_regions: int = MAX_BOXES
     # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
     feature_norm: str | None = None
     clip_grad: float = 1.0
@@ -180,8 +178,10 @@ class TrainArgs:
         )
         if out.feature_norm not in (None, "standardize", "none"):
             raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
-        if out.precision not in (None, "fp32", "bf16", "fp16"):
-            raise TrainingError(f"--precision {out.precision!r} must be fp32, bf16 or fp16")
+        try:
+            check_precision(out.precision)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
         if out.vocab is None:
             raise TrainingError("--vocab is required: a vocab.txt or a Hugging Face tokenizer folder")
         return out
@@ -190,18 +190,10 @@ class TrainArgs:
 # ---------------------------------------------------------------------------------------------- data
 def read_task_json(data: str) -> dict[str, Any] | None:
     """TASKDIR/task.json beside the shards (None for URL lists without one)."""
-    path = Path(data)
-    # a shard URL pattern (task-{000000..000009}.tar) names files in the folder that holds task.json
-    path = path / "task.json" if path.is_dir() else Path(data.split("{")[0]).parent / "task.json"
-    if not path.is_file():
-        return None
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TrainingError(f"{path}: not valid JSON ({err}); rerun `vilbert-data shard` for this folder") from None
-    if not isinstance(info, dict):
-        raise TrainingError(f"{path}: not a task.json written by `vilbert-data shard` (not a JSON object)")
-    return info
+        return _read_task_json(data, required=False)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
@@ -225,9 +217,7 @@ def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
 
 def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
     """The VQA answer list beside the shards, if any."""
-    if info is None or not info.get("answer_vocab"):
-        return None
-    path = Path(data) / info["answer_vocab"] if Path(data).is_dir() else None
+    path = answers_path(data, info) if Path(data).is_dir() else None
     return path if path is not None and path.is_file() else None
 
 
@@ -344,7 +334,7 @@ def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) ->
         cfg.vocab_size = vocab_size
         if feature_dim is not None:
             cfg.v_feature_size = feature_dim
-        cfg.v_target_size = 1601
+        cfg.v_target_size = CLS_PROB_DIM
         return cfg
     if not Path(args.config).is_file():
         raise TrainingError(f"--config {args.config!r} is neither a preset (vilbert-base, tiny) nor a file")
@@ -409,11 +399,11 @@ def build_model(
         except (ValueError, FileNotFoundError) as err:  # a refused pickle, missing or mis-shaped tensors
             raise TrainingError(f"{'--resume' if resume_dir else '--init-from'} {source}: {err}") from None
         check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
-        if args.task == "pretrain" and model.config.v_target_size != NUM_CLASSES:
+        if args.task == "pretrain" and model.config.v_target_size != CLS_PROB_DIM:
             # masked region modelling predicts the detector's class distribution over its 1601 classes
             raise TrainingError(
                 f"the checkpoint {source} predicts {model.config.v_target_size} region classes but the "
-                f"features' class distributions have {NUM_CLASSES} (v_target_size)"
+                f"features' class distributions have {CLS_PROB_DIM} (v_target_size)"
             )
         norm = model.config.v_feature_norm
         if args.feature_norm is not None and args.feature_norm != norm:
@@ -452,7 +442,7 @@ def training_feature_stats(
     training batches, about `max_images` examples over all ranks, summed across ranks so every rank
     gets the same numbers.
     """
-    from pipelines.feature_stats import RunningFeatureStats, load_task_feature_stats
+    from pipelines.feature_stats import RunningFeatureStats
 
     try:
         stats = load_task_feature_stats(args.data)
@@ -495,19 +485,10 @@ def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- loop
 def resolve_precision(args: TrainArgs, device: torch.device) -> str:
     """The autocast precision: fp32 on the CPU and bf16 on CUDA unless --precision says otherwise."""
-    if args.precision is not None:
-        if args.precision == "fp16" and device.type != "cuda":
-            raise TrainingError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        return args.precision
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """An autocast context for bf16/fp16, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    try:
+        return _resolve_precision(args.precision, device)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -535,7 +516,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), autocast_context(precision, ctx.device):
+    with torch.no_grad(), autocast(precision, ctx.device.type):
         for batch in loader:
             scores = validation_scores(unwrap(model), batch_to_device(batch, ctx.device), task)
             total += float(scores.sum())
@@ -617,7 +598,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         check_task_json(read_task_json(args.val), args.task, args.val)
     tokenizer = load_tokenizer(args.vocab, args.max_text_len)
     answers = answers_file(args.data, info)
-    num_answers = len(json.loads(answers.read_text(encoding="utf-8"))) if answers else None
+    num_answers = len(read_answers(args.data, info)) if answers else None
     if args.task == "vqa" and num_answers is None and args.init_from is None:
         raise TrainingError(f"{args.data}: VQA shards need their answers.json (answer_vocab in task.json)")
     feature_dim = (info or {}).get("features", {}).get("feature_dim")
@@ -793,7 +774,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
                 sync = micro == args.grad_accum - 1 or not ctx.distributed
                 with (
                     contextlib.nullcontext() if sync else train_model.no_sync(),
-                    autocast_context(precision, ctx.device),
+                    autocast(precision, ctx.device.type),
                 ):
                     losses = train_model(batch)
                 scaler.scale(losses["loss"] / args.grad_accum).backward()
