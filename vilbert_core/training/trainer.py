@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from pipelines.datasets import NUM_CLASSES, SWAP_TASKS, check_task_source
+from pipelines.datasets import NUM_CLASSES, check_task_source
+from pipelines.tasks import data_task
 from pipelines.writers import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
 
 from .checkpointing import (
@@ -768,7 +769,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         val_factory = (
             default_loader_factory(args, ctx, train=False) if loader_factory is None else loader_factory
         )
-        if loader_factory is None and SHARD_TASK[args.task] in SWAP_TASKS:
+        if loader_factory is None and data_task(SHARD_TASK[args.task]).swap:
             swap_factory = default_loader_factory(args, ctx, train=False, swap_images=True)
 
     bar = None
