@@ -18,11 +18,12 @@ import pkgutil
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # the CLI lists task names from here for its help: keep importing this package cheap
+    import numpy as np
 
-from pipelines.annotations.common import Annotation
+    from pipelines.annotations.common import Annotation
 
 
 class DataTask:
@@ -99,6 +100,8 @@ def remember(pool: list, items: list, limit: int, rng: random.Random) -> None:
 
 def answer_target(record: dict[str, Any], num_answers: int) -> np.ndarray:
     """(A,) float32 soft scores of a record's answer labels (zeros when it has none: test splits)."""
+    import numpy as np
+
     target = np.zeros(num_answers, np.float32)
     target[record["labels"]] = record["scores"]
     return target
@@ -110,28 +113,39 @@ def task_modules(folder: str | Path) -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if not m.name.startswith("_"))
 
 
-def find_tasks(package: str, folder: str | Path) -> dict[str, Any]:
-    """Import every task module of a registry package: {TASK.name: TASK}, in module-name order."""
-    found: dict[str, Any] = {}
-    for module in task_modules(folder):
-        spec = importlib.import_module(f"{package}.{module}").TASK
-        found[spec.name] = spec
-    return found
+class Registry:
+    """The task specs of one registry package, by name: each module's `TASK`, imported on first use."""
+
+    def __init__(self, package: str, folder: str | Path) -> None:
+        self.package, self.folder = package, Path(folder)
+        self._tasks: dict[str, Any] = {}
+
+    def all(self) -> dict[str, Any]:
+        """Every task by name, in module-name order."""
+        if not self._tasks:
+            found = {}  # complete before it is kept: a module that fails to import leaves no half registry
+            for module in task_modules(self.folder):
+                spec = importlib.import_module(f"{self.package}.{module}").TASK
+                found[spec.name] = spec
+            self._tasks = found
+        return self._tasks
+
+    def get(self, name: str) -> Any:
+        """The spec of a task; ValueError naming the tasks there are for any other name."""
+        known = self.all()
+        if name not in known:
+            raise ValueError(f"unknown task {name!r}; expected one of {', '.join(known)}")
+        return known[name]
 
 
-_TASKS: dict[str, DataTask] = {}
+_REGISTRY = Registry(__name__, Path(__file__).parent)
 
 
 def data_tasks() -> dict[str, DataTask]:
-    """Every shard task by name (imported on first use)."""
-    if not _TASKS:
-        _TASKS.update(find_tasks(__name__, Path(__file__).parent))
-    return _TASKS
+    """Every shard task by name."""
+    return _REGISTRY.all()
 
 
 def data_task(name: str) -> DataTask:
     """The data spec of a shard task; ValueError naming the tasks there are for any other name."""
-    tasks = data_tasks()
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(tasks)}")
-    return tasks[name]
+    return _REGISTRY.get(name)

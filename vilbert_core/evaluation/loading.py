@@ -98,7 +98,10 @@ def detect_kind(weights: Path, train_task: str | None) -> str:
         if cls in _CLASS_KIND:
             return _CLASS_KIND[cls]
     if train_task is not None:
-        return "pretraining" if train_task in ("pretrain", "captions") else "tasks"
+        from vilbert_core.tasks import kind_for
+
+        # an unknown task name (a newer or older run) trained task heads: only pretraining differs
+        return kind_for(train_task) or "tasks"
     from vilbert_core.convert import reference_to_project
     from vilbert_core.torch_files import load_torch_file
 

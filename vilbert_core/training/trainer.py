@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from pipelines.datasets import NUM_CLASSES, check_task_source
-from pipelines.tasks import data_task
 from pipelines.writers import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
+from vilbert_core.tasks import get_task, tasks
 
 from .checkpointing import (
     capture_rng_state,
@@ -59,36 +59,7 @@ from .distributed import (
 from .memory import return_freed_memory_to_os
 from .metrics_log import MetricsLog, plot_curves
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import TASKS, MaskingSpec, TaskLossModule, batch_size_of, batch_to_device, validation_scores
-
-# The shard task each training task reads (`vilbert-data shard --task ...`).
-SHARD_TASK = {
-    "pretrain": "captions",
-    "vqa": "vqa",
-    "vcr": "vcr",
-    "refcoco": "refcoco",
-    "retrieval": "retrieval",
-}
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    """Paper / reference hyperparameters of one task: global batch, peak learning rate, epochs."""
-
-    batch_size: int
-    lr: float
-    epochs: float
-    metric: str  # validation score name (higher is better)
-
-
-# ViLBERT (Lu et al. 2019) section 4 and the reference code's task configs.
-TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "pretrain": TaskDefaults(batch_size=512, lr=1e-4, epochs=10, metric="align_acc"),
-    "vqa": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="vqa_score"),
-    "vcr": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
-    "refcoco": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="accuracy"),
-    "retrieval": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
-}
+from .tasks import MaskingSpec, TaskLossModule, batch_size_of, batch_to_device, validation_scores
 
 
 class TrainingError(RuntimeError):
@@ -119,8 +90,8 @@ class TrainArgs:
     warmup: float = 0.1  # < 1: fraction of the total steps; >= 1: a number of steps
     epochs: float | None = None
     steps: int | None = None
-    max_text_len: int = 36
-    max_regions: int = 36
+    max_text_len: int | None = None  # None: the task's default
+    max_regions: int | None = None
     # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
     feature_norm: str | None = None
     clip_grad: float = 1.0
@@ -169,15 +140,17 @@ class TrainArgs:
 
     def resolved(self) -> TrainArgs:
         """A copy with the task defaults filled in, checked for consistency."""
-        if self.task not in TASKS:
-            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task not in tasks():
+            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(tasks())}")
         self.check_numbers()
-        d = TASK_DEFAULTS[self.task]
+        d = get_task(self.task).defaults
         out = dataclasses.replace(
             self,
             batch_size=self.batch_size or d.batch_size,
             lr=self.lr if self.lr is not None else d.lr,
             epochs=self.epochs if (self.epochs is not None or self.steps is not None) else d.epochs,
+            max_text_len=self.max_text_len or d.max_text_len,
+            max_regions=self.max_regions or d.max_regions,
         )
         if out.feature_norm not in (None, "standardize", "none"):
             raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
@@ -209,13 +182,14 @@ def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
     """Fail clearly when the shards were written for another task."""
     if info is None:
         return
-    expected = SHARD_TASK[task]
+    spec = get_task(task)
+    expected = spec.shard_task
     if info.get("task") != expected:
         raise TrainingError(
             f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
             f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
         )
-    if task == "pretrain" and not (info.get("features") or {}).get("class_distributions", True):
+    if spec.data.needs_class_distributions and not (info.get("features") or {}).get("class_distributions", True):
         # features converted from a release without cls_prob: MRM would learn against zeros
         raise TrainingError(
             f"{data}: the region features have no class distributions (converted from a release that lacks "
@@ -257,7 +231,7 @@ def default_loader_factory(
         try:
             loader = make_loader(
                 source,
-                SHARD_TASK[args.task],
+                get_task(args.task).shard_task,
                 args.vocab,
                 batch_size=batch_size,
                 max_text_len=args.max_text_len,
@@ -327,12 +301,7 @@ def load_tokenizer(vocab: str, max_text_len: int) -> Any:
 
 def masking_spec(tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
     """MLM masking settings from the tokenizer: [MASK] id, vocabulary size, never-masked ids."""
-    return MaskingSpec(
-        mask_token_id=tokenizer.mask_id,
-        vocab_size=tokenizer.vocab_size,
-        special_token_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id),
-        generator=generator,
-    )
+    return MaskingSpec.for_tokenizer(tokenizer, generator)
 
 
 def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) -> Any:
@@ -398,10 +367,12 @@ def build_model(
     """
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
-    cls = ViLBERTForPretraining if args.task == "pretrain" else ViLBERTForTasks
+    spec = get_task(args.task)
+    tasks_model = spec.model_kind == "tasks"
+    cls = ViLBERTForTasks if tasks_model else ViLBERTForPretraining
     # A checkpoint keeps its own VQA answer count unless the shards' answers.json gives one: forcing a
     # count onto a checkpoint whose VQA head has another size would make loading fail on the shape.
-    kwargs = {"num_answers": num_answers} if args.task != "pretrain" and num_answers is not None else {}
+    kwargs = {"num_answers": num_answers} if tasks_model and num_answers is not None else {}
     bert_names: set[str] = set()
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     if source is not None:
@@ -410,7 +381,7 @@ def build_model(
         except (ValueError, FileNotFoundError) as err:  # a refused pickle, missing or mis-shaped tensors
             raise TrainingError(f"{'--resume' if resume_dir else '--init-from'} {source}: {err}") from None
         check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
-        if args.task == "pretrain" and model.config.v_target_size != NUM_CLASSES:
+        if spec.data.needs_class_distributions and model.config.v_target_size != NUM_CLASSES:
             # masked region modelling predicts the detector's class distribution over its 1601 classes
             raise TrainingError(
                 f"the checkpoint {source} predicts {model.config.v_target_size} region classes but the "
@@ -425,7 +396,7 @@ def build_model(
     else:
         cfg = resolve_config(args, vocab_size, feature_dim)
         check_model_matches(cfg, vocab_size, feature_dim, f"--config {args.config}", args.vocab)
-        if args.task != "pretrain":
+        if tasks_model:
             cfg.num_answers = num_answers or 1
         cfg.v_feature_norm = args.feature_norm or "standardize"
         model = cls(cfg)
@@ -525,7 +496,7 @@ def _count_samples(info: dict[str, Any] | None, task: str) -> int | None:
     counts = info.get("counts", {})
     for key in ("samples", "records"):
         if isinstance(counts.get(key), int):
-            return counts[key] * (2 if task == "vcr" else 1)
+            return counts[key] * get_task(task).data.examples_per_record
     return None
 
 
@@ -544,7 +515,7 @@ def evaluate(
     model.train(was_training)
     summed = all_reduce_sum(ctx, torch.tensor([total, float(count)], dtype=torch.float64))
     total, count = float(summed[0]), int(round(float(summed[1])))
-    return {TASK_DEFAULTS[task].metric: total / count if count else float("nan"), "samples": count}
+    return {get_task(task).defaults.metric: total / count if count else float("nan"), "samples": count}
 
 
 # The alignment loss of a model that cannot tell matching pairs from others is ln 2 = 0.693.
@@ -556,7 +527,8 @@ VISION_GAP_MIN = 0.01
 def training_warnings(task: str, align_losses: list[float], val_record: dict[str, float] | None) -> list[str]:
     """Warnings about a finished run: alignment at chance, a model that does not use the image."""
     warnings = []
-    if task == "pretrain" and align_losses and sum(align_losses) / len(align_losses) >= ALIGN_CHANCE_LOSS:
+    # align_losses: only pretraining has an alignment loss
+    if align_losses and sum(align_losses) / len(align_losses) >= ALIGN_CHANCE_LOSS:
         mean = sum(align_losses) / len(align_losses)
         warnings.append(
             f"the alignment loss stayed at chance ({mean:.3f} over the last {len(align_losses)} steps; "
@@ -564,7 +536,7 @@ def training_warnings(task: str, align_losses: list[float], val_record: dict[str
             "captions describe their images, or that the features differ between images (docs/training.md)"
         )
     if val_record and "vision_gap" in val_record and val_record["vision_gap"] < VISION_GAP_MIN:
-        metric = TASK_DEFAULTS[task].metric
+        metric = get_task(task).defaults.metric
         warnings.append(
             f"the last validation {metric} moved by {val_record['vision_gap']:.4f} when every example got "
             "another image's regions: the model answers without looking at the image (docs/training.md)"
@@ -619,8 +591,8 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     tokenizer = load_tokenizer(args.vocab, args.max_text_len)
     answers = answers_file(args.data, info)
     num_answers = len(json.loads(answers.read_text(encoding="utf-8"))) if answers else None
-    if args.task == "vqa" and num_answers is None and args.init_from is None:
-        raise TrainingError(f"{args.data}: VQA shards need their answers.json (answer_vocab in task.json)")
+    if get_task(args.task).answer_head and num_answers is None and args.init_from is None:
+        raise TrainingError(f"{args.data}: {args.task} shards need their answers.json (answer_vocab in task.json)")
     feature_dim = (info or {}).get("features", {}).get("feature_dim")
 
     per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
@@ -691,7 +663,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
     precision = resolve_precision(args, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
-    masking = masking_spec(tokenizer, mask_gen) if args.task == "pretrain" else None
+    masking = masking_spec(tokenizer, mask_gen) if get_task(args.task).model_kind == "pretraining" else None
 
     step, samples_seen = 0, 0
     best = {"metric": None, "step": None}
@@ -718,7 +690,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         train_model = nn.parallel.DistributedDataParallel(
             train_model,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=args.task != "pretrain",
+            find_unused_parameters=get_task(args.task).model_kind != "pretraining",
         )
 
     if ctx.is_main:
@@ -769,7 +741,7 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
         val_factory = (
             default_loader_factory(args, ctx, train=False) if loader_factory is None else loader_factory
         )
-        if loader_factory is None and data_task(SHARD_TASK[args.task]).swap:
+        if loader_factory is None and get_task(args.task).data.swap:
             swap_factory = default_loader_factory(args, ctx, train=False, swap_images=True)
 
     bar = None
@@ -853,11 +825,11 @@ def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | No
             )
             if do_eval:
                 scores = evaluate(model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
-                metric = scores[TASK_DEFAULTS[args.task].metric]
+                metric = scores[get_task(args.task).defaults.metric]
                 if swap_factory is not None:
                     # the same examples with other images' regions: how much the score owes to the image
                     swapped = evaluate(model, swap_factory(args.val, 0, per_rank), args.task, ctx, precision)
-                    name = TASK_DEFAULTS[args.task].metric
+                    name = get_task(args.task).defaults.metric
                     scores[f"{name}_images_shuffled"] = swapped[name]
                     scores["vision_gap"] = metric - swapped[name]
                 last_val = scores
