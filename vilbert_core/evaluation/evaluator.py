@@ -147,7 +147,7 @@ def run_eval(
     loaded = (
         model
         if isinstance(model, LoadedModel)
-        else load_model(model, vocab=vocab, answers=answers, device=device)
+        else load_model(model, vocab=vocab, answers=answers, device=device, task=task)
     )
     _require_kind(loaded, spec)
     if loaded.kind != spec.eval_kinds[0]:

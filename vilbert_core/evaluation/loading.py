@@ -120,8 +120,13 @@ def load_model(
     kind: str | None = None,
     max_text_len: int | None = None,
     max_regions: int | None = None,
+    task: str | None = None,
 ) -> LoadedModel:
-    """Load a run directory or checkpoint, its tokenizer and answer list, in eval mode on `device`."""
+    """Load a run directory or checkpoint, its tokenizer and answer list, in eval mode on `device`.
+
+    task: what the model is loaded for (default: its training task); a multi-task reference checkpoint
+    gives that task's answer head.
+    """
     from pipelines.tokenization import TextTokenizer
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
@@ -160,7 +165,13 @@ def load_model(
     reference = weights.suffix == ".bin" or (
         weights.is_dir() and not (weights / "model.safetensors").is_file()
     )
-    extra = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
+    extra: dict[str, Any] = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
+    if kind == "tasks" and reference:
+        from vilbert_core.tasks import tasks
+
+        spec = tasks().get(task or train_task or "")
+        if spec is not None:
+            extra["reference_answer_head"] = spec.reference_answer_head
     try:
         model = cls.from_pretrained(weights, **extra)
     except SafetensorError as err:

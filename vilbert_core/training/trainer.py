@@ -372,7 +372,9 @@ def build_model(
     cls = ViLBERTForTasks if tasks_model else ViLBERTForPretraining
     # A checkpoint keeps its own VQA answer count unless the shards' answers.json gives one: forcing a
     # count onto a checkpoint whose VQA head has another size would make loading fail on the shape.
-    kwargs = {"num_answers": num_answers} if tasks_model and num_answers is not None else {}
+    kwargs: dict[str, Any] = {"num_answers": num_answers} if tasks_model and num_answers is not None else {}
+    if tasks_model:  # a multi-task reference checkpoint holds one answer head per task: take this task's
+        kwargs["reference_answer_head"] = spec.reference_answer_head
     bert_names: set[str] = set()
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     if source is not None:
