@@ -16,7 +16,6 @@ import typer
 
 from extract.config import DetectorConfig  # the detector's defaults are the extract command's
 from extract.devices import PRECISIONS
-from pipelines.tokenization import MAX_TEXT_LEN
 
 app = typer.Typer(
     name="vilbert-data",
@@ -34,6 +33,17 @@ app = typer.Typer(
 # one definition of the option every long-running command takes, so that name and help stay the same
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
 EXIT_BAD_INPUT = 2  # shard, train, eval: a bad argument or input, said in one line
+
+
+def _task_names(package: str) -> str:
+    """A task registry's names for help texts ("a, b or c"), from its module files: nothing heavy is imported."""
+    from importlib.util import find_spec
+
+    from pipelines.tasks import task_modules
+
+    top, _, sub = package.partition(".")
+    names = task_modules(Path(next(iter(find_spec(top).submodule_search_locations))) / sub)
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _literal(text: str) -> str:
@@ -351,28 +361,31 @@ def shard_cmd(
     features: str = typer.Option(
         ..., "--features", help="Feature set folder written by `extract` (dataset.json)."
     ),
-    task: str = typer.Option(..., "--task", help="captions, vqa, vcr, refcoco or retrieval."),
+    task: str = typer.Option(..., "--task", help=_task_names("pipelines.tasks") + "."),
     annotations: list[str] = typer.Option(
         ...,
         "--annotations",
         help=(
-            "Annotation file(s); further files may follow the first one. captions: COCO captions .json, "
-            "Conceptual Captions style .tsv or .jsonl; vqa: questions .json + annotations .json; vcr: "
-            "{split}.jsonl; refcoco: refs(unc).p + instances.json; retrieval: Karpathy dataset_*.json."
+            "Annotation file(s) in the layout of the task's public release (each task's: docs/shard.md); further "
+            "files may follow the first one. E.g. captions: COCO captions .json, Conceptual Captions style .tsv or "
+            ".jsonl; vqa: questions .json + annotations .json; refcoco: refs(unc).p + instances.json."
         ),
     ),
-    split: str = typer.Option(..., "--split", help="Split name (refcoco/retrieval select records by it)."),
+    split: str = typer.Option(
+        ..., "--split", help="Split name (some tasks, e.g. refcoco and retrieval, select records by it)."
+    ),
     out: str = typer.Option(..., "--out", help="Output TASKDIR (task shards, task.json, report/)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Images per task shard."),
     answers: str | None = typer.Option(
         None,
         "--answers",
-        help="vqa: answers.json of the training TASKDIR to reuse (default: build from this split).",
+        help="Tasks with an answer list (e.g. vqa): answers.json of the training TASKDIR to reuse (default: build "
+        "from this split).",
     ),
     min_answer_count: int = typer.Option(
         9,
         "--min-answer-count",
-        help="vqa: keep answers of at least this many questions (9 gives 3129 on VQA v2).",
+        help="Tasks with an answer list: keep answers of at least this many questions (9 gives 3129 on VQA v2).",
     ),
     images: str | None = typer.Option(
         None, "--images", help="vcr: the vcr1images folder (images + metadata)."
@@ -446,7 +459,7 @@ def vocab_cmd(
 # COMMAND: train
 @app.command("train")
 def train_cmd(
-    task: str = typer.Option(..., "--task", help="pretrain, vqa, vcr, refcoco or retrieval."),
+    task: str = typer.Option(..., "--task", help=_task_names("vilbert_core.tasks") + "."),
     data: str = typer.Option(
         ..., "--data", help="Training TASKDIR written by `shard` (pretrain: captions shards), or shard URLs/brace pattern."
     ),
@@ -477,9 +490,11 @@ def train_cmd(
     warmup: float = typer.Option(0.1, "--warmup", help="Linear warmup: a fraction of the steps (<1) or a step count."),
     epochs: float | None = typer.Option(None, "--epochs", help=_literal("Epochs [task default: paper]; ignored with --steps.")),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
-    max_text_len: int = typer.Option(MAX_TEXT_LEN, "--max-text-len", help="Tokens per text, [CLS]/[SEP] included."),
-    max_regions: int = typer.Option(
-        DetectorConfig.max_boxes, "--max-regions", help="Detected regions per image (+1 global [IMG] region)."
+    max_text_len: int | None = typer.Option(
+        None, "--max-text-len", help=_literal("Tokens per text, [CLS]/[SEP] included [task default: 36].")
+    ),
+    max_regions: int | None = typer.Option(
+        None, "--max-regions", help=_literal("Detected regions per image (+1 global [IMG] region) [task default: 36].")
     ),
     feature_norm: str | None = typer.Option(
         None, "--feature-norm",
@@ -517,7 +532,7 @@ def train_cmd(
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
 
-    Tasks: pretrain (masked language + masked region modelling + alignment on captions shards), vqa, vcr, refcoco, retrieval. Batch, learning rate and epochs default to the paper's per task; AdamW (weight decay 0.01), linear warmup then linear decay, gradient clipping. Writes RUNDIR/config.json, model.safetensors, train_args.json, checkpoints/step-N/, metrics.jsonl, curves.png, and best/ with --val. A NaN loss stops the run and names the last good checkpoint; --resume continues a killed run exactly.
+    Tasks: pretrain (masked language + masked region modelling + alignment on captions shards) and the fine-tuning tasks (vqa, vcr, refcoco, retrieval, ...: docs/training.md). Batch, learning rate and epochs default to the paper's per task; AdamW (weight decay 0.01), linear warmup then linear decay, gradient clipping. Writes RUNDIR/config.json, model.safetensors, train_args.json, checkpoints/step-N/, metrics.jsonl, curves.png, and best/ with --val. A NaN loss stops the run and names the last good checkpoint; --resume continues a killed run exactly.
 
     Several processes (DDP; NCCL on GPUs, gloo on CPUs): torchrun --nproc_per_node 4 -m cli train ... ; --batch-size stays the global batch.
 
@@ -554,7 +569,7 @@ def train_cmd(
 # COMMAND: eval
 @app.command("eval")
 def eval_cmd(
-    task: str = typer.Option(..., "--task", help="pretrain, vqa, vcr, refcoco or retrieval."),
+    task: str = typer.Option(..., "--task", help=_task_names("vilbert_core.tasks") + "."),
     model: str = typer.Option(
         ...,
         "--model",
@@ -615,7 +630,7 @@ def eval_cmd(
 
     retrieval: image and text retrieval R@1/5/10 over the full set and with 100 candidates per query; a pretraining model is scored zero-shot through its alignment head.
 
-    pretrain: masked-token accuracy, perplexity, masked-region KL and alignment accuracy.
+    pretrain: masked-token accuracy, perplexity, masked-region KL and alignment accuracy. Every task's metrics: docs/evaluation.md.
 
     Example: vilbert-data eval --task vqa --model runs/vqa --data tasks/vqa_val --out reports/vqa_val
     """

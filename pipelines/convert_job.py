@@ -274,7 +274,9 @@ def _byte_rates(report: Any, timing: dict[str, float]) -> dict:
 
 def lacking_for_task(info: dict, task: str) -> str | None:
     """Why a feature set cannot serve a shard task, or None: MRM pretraining needs class distributions."""
-    if task != "captions" or info.get("class_distributions", True):
+    from pipelines.tasks import data_task
+
+    if not data_task(task).needs_class_distributions or info.get("class_distributions", True):
         return None
     source = info.get("source", {})
     paths = " ".join(source.get("paths", [])) or "SRC"

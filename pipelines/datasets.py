@@ -17,9 +17,10 @@
 Regions: the global [IMG] region first (mean of all the image's region features, spatial
 [0, 0, 1, 1, 1], zero class target), then at most `max_regions` detected regions in file order.
 
-`swap_images=True` (VQA, VCR, RefCOCO) gives every image's records the regions of another image of the
-same stream (a cyclic shift by one image): the vision-use diagnostic of `eval` and of training
-validation. A model that answers as well with another image's regions does not use the image.
+`swap_images=True` (tasks whose spec in `pipelines.tasks` defines a swap: VQA, VCR, RefCOCO, ...)
+gives every image's records the regions of another image of the same stream (a cyclic shift by one
+image): the vision-use diagnostic of `eval` and of training validation. A model that answers as well
+with another image's regions does not use the image.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from pipelines.formats.npy import load_npy
 from pipelines.formats.tar import iter_tar_samples, read_tar_samples
 from pipelines.formats.tasks import is_url, read_shard_index, read_task_json, task_shards
 from pipelines.formats.tasks import num_answers as formats_num_answers
+from pipelines.tasks import data_task, data_tasks
 from pipelines.tokenization import MAX_TEXT_LEN, TextTokenizer
 
 GLOBAL_SPATIAL = np.array([0.0, 0.0, 1.0, 1.0, 1.0], np.float32)
-RETRIEVAL_CANDIDATES = 4
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -179,9 +180,6 @@ class Regions:
         return np.concatenate(
             [np.zeros((1, self.raw_target.shape[1]), np.float32), self.raw_target.astype(np.float32)]
         )
-
-
-SWAP_TASKS = ("vqa", "vcr", "refcoco")  # tasks whose examples can be scored with another image's regions
 
 
 def _donated(own: Regions, donor: Regions, features_only: bool) -> Regions:
@@ -320,32 +318,8 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
     # Images: each example holds a list of Regions (1, or C for retrieval).
     n_img = len(first["regions"])
     batch.update(collate_regions([r for ex in examples for r in ex["regions"]], (b, n_img) if n_img > 1 else (b,)))
-    r_max = batch["image_mask"].shape[-1]
     batch["image_id"] = [ex["image_id"] for ex in examples]
-    task = first["task"]
-    if task == "captions":
-        batch["align_label"] = torch.tensor([ex["align_label"] for ex in examples], dtype=torch.float32)
-    elif task == "vqa":
-        batch["vqa_target"] = torch.from_numpy(np.stack([ex["vqa_target"] for ex in examples]))
-        batch["question_id"] = torch.tensor([ex["question_id"] for ex in examples], dtype=torch.long)
-        batch["answers"] = [ex["answers"] for ex in examples]
-        batch["answer_type"] = [ex["answer_type"] for ex in examples]
-        batch["question_type"] = [ex["question_type"] for ex in examples]
-        batch["question"] = [ex["question"] for ex in examples]
-    elif task in ("vcr", "retrieval"):
-        batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
-        if task == "vcr":
-            batch["vcr_stage"] = [ex["vcr_stage"] for ex in examples]
-            batch["annot_id"] = [ex["annot_id"] for ex in examples]
-    elif task == "refcoco":
-        iou = np.zeros((b, r_max), np.float32)
-        for i, ex in enumerate(examples):
-            iou[i, : len(ex["region_iou"])] = ex["region_iou"]
-        batch["region_iou"] = torch.from_numpy(iou)
-        batch["region_target"] = torch.from_numpy(np.where(iou >= 0.5, iou, 0.0).astype(np.float32))
-        batch["gt_box"] = torch.tensor([ex["gt_box"] for ex in examples], dtype=torch.float32)
-        batch["ref_id"] = [ex["ref_id"] for ex in examples]
-        batch["sent_id"] = [ex["sent_id"] for ex in examples]
+    data_task(first["task"]).collate(examples, batch)
     return batch
 
 
@@ -374,12 +348,10 @@ class TaskDataset(IterableDataset):
         swap_images: bool = False,
         even_split: bool = False,
     ) -> None:
-        from pipelines.annotations.common import TASKS
-
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if swap_images and task not in SWAP_TASKS:
-            raise ValueError(f"swap_images is defined for {', '.join(SWAP_TASKS)}, not {task!r}")
+        self.spec = data_task(task)  # ValueError naming the tasks for an unknown one
+        if swap_images and self.spec.swap is None:
+            swappable = [name for name, t in data_tasks().items() if t.swap]
+            raise ValueError(f"swap_images is defined for {', '.join(swappable)}, not {task!r}")
         self.swap_images = swap_images
         if resampled and not steps:
             raise ValueError("resampled shards need steps (batches per rank per epoch)")
@@ -410,10 +382,10 @@ class TaskDataset(IterableDataset):
                     f"{self._dim_source} says {self.feature_dim}-d; feature sets of different layers cannot be mixed"
                 )
         self.num_answers = num_answers
-        if task == "vqa" and num_answers is None:
+        if self.spec.answer_vocab and num_answers is None:
             self.num_answers = next(filter(None, (formats_num_answers(i["_dir"], i) for i in infos)), None)
             if self.num_answers is None:
-                raise ValueError("vqa needs num_answers (or a TASKDIR whose task.json names its answers.json)")
+                raise ValueError(f"{task} needs num_answers (or a TASKDIR whose task.json names its answers.json)")
         # even_split (training under DDP): ranks split each epoch by records, using the shards' indexes
         self.even_split = even_split and not resampled
         self.shard_images = [read_shard_index(u) for u in self.urls] if self.even_split else []
@@ -488,76 +460,10 @@ class TaskDataset(IterableDataset):
 
     def examples(self, samples: Iterator[tuple], rng: random.Random) -> Iterator[dict]:
         """Expand image samples into the task's examples (captions, questions, sentences, VCR stages)."""
-        caption_pool: list[tuple[str, str]] = []  # (image id, caption) of recent images, for negatives
-        image_pool: list[tuple[str, Regions]] = []
-        deferred: list[tuple[str, Regions, list[dict]]] = []
         items = self._decoded(samples)
         if self.swap_images:
-            # RefCOCO keeps each image's boxes: its targets are the IoUs of those boxes
-            items = swap_regions(items, features_only=self.task == "refcoco")
-        for key, records, regions in items:
-            base = {"task": self.task, "image_id": key, "regions": [regions]}
-            if self.task == "captions":
-                for r in records:
-                    caption, aligned = r["caption"], True
-                    if rng.random() < 0.5:
-                        others = [c for k, c in caption_pool if k != key]
-                        if others:  # the very first image has no other captions to borrow yet
-                            caption, aligned = rng.choice(others), False
-                    yield {**base, "texts": [self.tokenizer.encode(caption)], "align_label": float(aligned)}
-                self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
-            elif self.task == "vqa":
-                for r in records:
-                    target = np.zeros(self.num_answers, np.float32)
-                    target[r["labels"]] = r["scores"]
-                    yield {
-                        **base,
-                        "texts": [self.tokenizer.encode(r["question"])],
-                        "vqa_target": target,
-                        "question_id": r["question_id"],
-                        "answers": r["answers"],
-                        "answer_type": r["answer_type"],
-                        "question_type": r.get("question_type", ""),
-                        "question": r["question"],
-                    }
-            elif self.task == "refcoco":
-                for r in records:
-                    iou = np.zeros(regions.num_regions, np.float32)
-                    iou[1:] = np.asarray(r["iou"], np.float32)[: regions.num_detected]
-                    yield {
-                        **base,
-                        "texts": [self.tokenizer.encode(r["sentence"])],
-                        "region_iou": iou,
-                        "gt_box": r["gt_box"],
-                        "ref_id": r["ref_id"],
-                        "sent_id": r.get("sent_id"),
-                    }
-            elif self.task == "vcr":
-                for r in records:
-                    common = {**base, "multi_choice": True, "annot_id": r["annot_id"]}
-                    q = r["question"]
-                    pairs = [(q, a) for a in r["answer_choices"]]
-                    yield {**common, "texts": self.tokenizer.encode_batch(pairs), "label": r["answer_label"],
-                           "vcr_stage": "q_a"}  # fmt: skip
-                    if r["answer_label"] >= 0:  # QA->R conditions on the right answer (unknown on test)
-                        qa = f"{q} {r['answer_choices'][r['answer_label']]}"
-                        pairs = [(qa, x) for x in r["rationale_choices"]]
-                        yield {**common, "texts": self.tokenizer.encode_batch(pairs), "label": r["rationale_label"],
-                               "vcr_stage": "qa_r"}  # fmt: skip
-            elif self.task == "retrieval":
-                self._remember(caption_pool, [(key, r["caption"]) for r in records], rng)
-                self._remember(image_pool, [(key, regions)], rng)
-                # Negatives need another image in the pools: hold an image back until there is one.
-                deferred.append((key, regions, records))
-                waiting = []
-                for item in deferred:
-                    if any(k != item[0] for k, _ in image_pool) and any(
-                        k != item[0] for k, _ in caption_pool
-                    ):
-                        yield from self._retrieval(*item, caption_pool, image_pool, rng)
-                    else:
-                        waiting.append(item)
-                deferred = waiting
+            items = swap_regions(items, features_only=self.spec.swap == "features")
+        yield from self.spec.examples(self, items, rng)
 
     def images(self) -> Iterator[tuple[str, list[dict], Regions]]:
         """(key, records, regions) of every image in shard order, in this process, D checked (whole-set evaluation)."""
@@ -566,36 +472,12 @@ class TaskDataset(IterableDataset):
     def _decoded(self, samples: Iterator[tuple]) -> Iterator[tuple[str, list[dict], Regions]]:
         """(key, records, regions) of each (key, members[, (first, end) record range]) sample, D checked."""
         for key, sample, *part in samples:
-            regions = build_regions(sample, self.max_regions, with_gt=self.task == "vcr")
+            regions = build_regions(sample, self.max_regions, with_gt=self.spec.with_gt_regions)
             self._check_dim(key, regions)
             records = json.loads(sample["ann.json"])
             if part:
                 records = records[part[0][0] : part[0][1]]
             yield key, records, regions
-
-    def _remember(self, pool: list, items: list, rng: random.Random) -> None:
-        """Add items to a bounded pool, replacing random old entries once it is full."""
-        for item in items:
-            if len(pool) < self.negative_buffer:
-                pool.append(item)
-            else:
-                pool[rng.randrange(len(pool))] = item
-
-    def _retrieval(self, key, regions, records, caption_pool, image_pool, rng) -> Iterator[dict]:  # noqa: ANN001
-        """Four candidates per caption: positive, other caption, other image, hard negative (or other caption)."""
-        other_caps = [c for k, c in caption_pool if k != key]
-        other_imgs = [r for k, r in image_pool if k != key]
-        for r in records:
-            hard = r.get("hard_negatives") or other_caps
-            texts = [r["caption"], rng.choice(other_caps), r["caption"], rng.choice(hard)]
-            yield {
-                "task": "retrieval",
-                "image_id": key,
-                "multi_choice": True,
-                "texts": self.tokenizer.encode_batch(texts),
-                "regions": [regions, regions, rng.choice(other_imgs), regions],
-                "label": 0,
-            }
 
     def shuffled(self, items: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """Seeded shuffle buffer of up to `shuffle_buffer` examples.

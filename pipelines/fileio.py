@@ -116,3 +116,8 @@ def remove_stale_temps(out_dir: str | Path) -> list[Path]:
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines (report files, rewritten whole by each run)."""
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from pipelines.annotations import Annotation, read_task_annotations
-from pipelines.annotations.common import TASKS
 from pipelines.feature_stats import STATS_FILE, RunningFeatureStats
 from pipelines.fileio import (
     atomic_write_json,
@@ -29,17 +28,17 @@ from pipelines.fileio import (
     is_disk_full,
     make_out_dir,
     remove_stale_temps,
+    write_jsonl,
 )
 from pipelines.formats.features import FeatureSet
-from pipelines.formats.npy import load_npy, npy_bytes
+from pipelines.formats.npy import load_npy
 from pipelines.formats.tar import ShardError
 from pipelines.formats.tasks import SHARD_PREFIX, TASK_FORMAT, TaskShardWriter
 from pipelines.matching import ImageMatcher
 from pipelines.progress import progress_bar
+from pipelines.tasks import DataTask, data_task
 from pipelines.vqa_answers import (
     DEFAULT_MIN_COUNT,
-    answer_targets,
-    build_answer_vocab,
     load_answer_vocab,
     save_answer_vocab,
 )
@@ -52,19 +51,6 @@ REGION_MEMBERS = ("features.npy", "spatial.npy", "boxes.npy", "cls_prob.npy")
 # ----------------------------------------------------------------------------- per-task records
 
 
-def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
-    """IoU of each (K,4) xyxy box with one xyxy box (continuous coordinates, no +1)."""
-    boxes = boxes.astype(np.float64)
-    x1 = np.maximum(boxes[:, 0], box[0])
-    y1 = np.maximum(boxes[:, 1], box[1])
-    x2 = np.minimum(boxes[:, 2], box[2])
-    y2 = np.minimum(boxes[:, 3], box[3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)  # (K,)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def _summary(ann: Annotation) -> dict[str, Any]:
     """Identifying fields of a record for the missing-image report."""
     keys = ("question_id", "annot_id", "ref_id", "sent_id")
@@ -72,34 +58,6 @@ def _summary(ann: Annotation) -> dict[str, Any]:
     text = ann.record.get("caption") or ann.record.get("question") or ann.record.get("sentence") or ""
     out["text"] = text[:80]
     return out
-
-
-class _GivenBoxFeatures:
-    """VCR ground-truth box features through the detector's given-box mode (loaded lazily)."""
-
-    def __init__(self, weights: str | None, device: str, feature_set: FeatureSet, config: Any = None) -> None:
-        from extract import Detector, load_image
-
-        self.load_image = load_image
-        layer = feature_set.info["feature_layer"]
-        self.detector = Detector.from_checkpoint(weights, device=device, feature_layer=layer, config=config)
-        dim = int(self.detector.info["feature_dim"])
-        if dim != feature_set.feature_dim:
-            raise ShardError(
-                f"detector gives {dim}-d features but {feature_set.root}/dataset.json says {feature_set.feature_dim}-d"
-            )
-
-    def __call__(
-        self, image_path: str, boxes: np.ndarray, feat_dtype: np.dtype, prob_dtype: np.dtype
-    ) -> dict:
-        """gt_*.npy members for the given boxes of one image."""
-        det = self.detector.features_for_boxes(self.load_image(image_path), boxes)
-        return {
-            "gt_boxes.npy": npy_bytes(np.asarray(det.boxes, np.float32)),
-            "gt_features.npy": npy_bytes(np.asarray(det.features).astype(feat_dtype)),
-            "gt_spatial.npy": npy_bytes(np.asarray(det.spatial, np.float32)),
-            "gt_cls_prob.npy": npy_bytes(np.asarray(det.cls_prob).astype(prob_dtype)),
-        }
 
 
 # ----------------------------------------------------------------------------- the job
@@ -123,14 +81,13 @@ def join_annotations(
 
 
 # Splits that `shard` can name for the tasks whose annotation files hold one split each (captions, vqa,
-# vcr): the name is only recorded, so a typo would pass unnoticed; refcoco and retrieval select by it.
+# vcr, ...): the name is only recorded, so a typo would pass unnoticed; refcoco and retrieval select by it.
 SPLIT_PREFIXES = ("train", "val", "test", "dev", "minival", "restval")
-VQA_ANSWERS_PER_QUESTION = 10  # VQA v2: ten human answers, which the official accuracy's average assumes
 
 
 def check_split_name(task: str, split: str) -> None:
     """Refuse a --split name that is no split (a typo) for tasks that only record it."""
-    if task in ("refcoco", "retrieval"):
+    if data_task(task).split_selects_records:
         return  # their readers select records by the split and say which splits exist
     if not split.lower().startswith(SPLIT_PREFIXES):
         raise ShardError(
@@ -145,46 +102,6 @@ def read_answers_option(answers: str | Path) -> list[str]:
         return load_answer_vocab(answers)
     except ValueError as err:
         raise ShardError(f"--answers {err}") from None
-
-
-def answer_count_report(anns: Sequence[Annotation]) -> list[dict[str, Any]]:
-    """Questions whose annotation has other than ten answers (questions without annotations are left out)."""
-    return [
-        {"question_id": a.record["question_id"], "answers": len(a.record["answers"])}
-        for a in anns
-        if a.extra.get("annotated", True) and len(a.record["answers"]) != VQA_ANSWERS_PER_QUESTION
-    ]
-
-
-def attach_vqa_targets(
-    anns: Sequence[Annotation], answers: str | Path | Sequence[str] | None, min_count: int, split: str
-) -> list[str]:
-    """Load (or build from these annotations) the answer vocabulary and add labels/scores to every record.
-
-    answers: an answers.json path, or the answer list itself.
-    """
-    vocab = (load_answer_vocab(answers) if isinstance(answers, str | Path) else list(answers)) if answers else None
-    if vocab is None:
-        if not split.startswith("train"):
-            log.warning(
-                "building the answer vocabulary from split %r; pass --answers TRAINDIR/answers.json", split
-            )
-        vocab = build_answer_vocab(
-            ({"question_id": a.record["question_id"], "answers": [{"answer": x} for x in a.record["answers"]],
-              **({"multiple_choice_answer": a.record["multiple_choice_answer"]}
-                 if "multiple_choice_answer" in a.record else {})}
-             for a in anns if a.record["answers"]),
-            min_count=min_count,
-        )  # fmt: skip
-    if not vocab:
-        raise ShardError(
-            f"empty answer vocabulary (no answer seen {min_count}+ times); lower --min-answer-count"
-        )
-    answer_to_id = {a: i for i, a in enumerate(vocab)}
-    for ann in anns:
-        ann.record.pop("multiple_choice_answer", None)  # not part of the ann.json record
-        ann.record["labels"], ann.record["scores"] = answer_targets(ann.record["answers"], answer_to_id)
-    return vocab
 
 
 def run_shard(
@@ -208,8 +125,10 @@ def run_shard(
     checkpoint for the ground-truth boxes' features (None = random weights, tests only) and
     `detector_config` an optional `extract.DetectorConfig`.
     """
-    if task not in TASKS:
-        raise ShardError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    try:
+        spec = data_task(task)
+    except ValueError as err:
+        raise ShardError(str(err)) from None
     if shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
     check_split_name(task, split)
@@ -217,7 +136,7 @@ def run_shard(
         check_out_dir(out)
     except ValueError as err:
         raise ShardError(str(err)) from None
-    answer_list = read_answers_option(answers) if (task == "vqa" and answers) else None
+    answer_list = read_answers_option(answers) if (spec.answer_vocab and answers) else None
     fs = FeatureSet.open(features)
     fs.require("feature_layer", "feature_dim", "shards")
     _refuse_what_the_features_lack(fs, task)
@@ -227,7 +146,7 @@ def run_shard(
     except ValueError as err:
         raise ShardError(str(err)) from None
     try:
-        return _write_task_dir(fs, task, anns, annotations, split, out, shard_size, answer_list, min_answer_count,
+        return _write_task_dir(fs, spec, anns, annotations, split, out, shard_size, answer_list, min_answer_count,
                                weights, device, detector_config, progress)  # fmt: skip
     except OSError as err:
         if is_disk_full(err):
@@ -237,7 +156,7 @@ def run_shard(
 
 
 def _write_task_dir(
-    fs: FeatureSet, task: str, anns: list[Annotation], annotations: Sequence[str | Path], split: str, out: Path,
+    fs: FeatureSet, spec: DataTask, anns: list[Annotation], annotations: Sequence[str | Path], split: str, out: Path,
     shard_size: int, answers: list[str] | None, min_answer_count: int, weights: str | Path | None, device: str,
     detector_config: Any, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
@@ -249,18 +168,19 @@ def _write_task_dir(
     report = out / "report"
     report.mkdir(exist_ok=True)
 
+    task = spec.name
     images = fs.ok_images()
     by_image, missing = join_annotations(anns, ImageMatcher(images))
-    answer_file, vocab, odd_answers = None, None, []
-    if task == "vqa":
-        vocab = attach_vqa_targets(anns, answers, min_answer_count, split)
+    answer_file, vocab = None, None
+    if spec.answer_vocab:
+        vocab = spec.attach_targets(anns, answers, min_answer_count, split)
+        if not vocab:
+            raise ShardError(
+                f"empty answer vocabulary (no answer seen {min_answer_count}+ times); lower --min-answer-count"
+            )
         answer_file = "answers.json"
         save_answer_vocab(vocab, out / answer_file)
-        odd_answers = answer_count_report(anns)
-
-    given_boxes = None
-    if task == "vcr":
-        given_boxes = _GivenBoxFeatures(str(weights) if weights else None, device, fs, detector_config)
+    context = spec.shard_context(fs, str(weights) if weights else None, device, detector_config)
 
     writer = TaskShardWriter(out, shard_size)
     # per-dimension statistics of every region written, which `train` standardises the features with
@@ -280,7 +200,7 @@ def _write_task_dir(
         if key in written:
             continue  # the same image twice in a feature set: first copy wins
         try:
-            members, row, regions = _task_sample(key, sample, group, task, fs, given_boxes)
+            members, row, regions = _task_sample(key, sample, group, spec, fs, context)
         except Exception as exc:  # one bad image must not stop a long job: record it and go on
             failures.append({"image_id": key, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -300,21 +220,10 @@ def _write_task_dir(
     feature_stats = stats.result()
     if feature_stats is not None:
         feature_stats.save(out / STATS_FILE)
-    _write_jsonl(report / "missing_images.jsonl", missing)
+    write_jsonl(report / "missing_images.jsonl", missing)
     (report / "images_without_annotations.txt").write_text("".join(f"{k}\n" for k in without_annotations))
-    _write_jsonl(report / "failures.jsonl", failures)
-    warnings = []
-    if task == "vqa":
-        _write_jsonl(report / "answer_counts.jsonl", odd_answers)
-    if odd_answers:
-        first = odd_answers[0]
-        warnings.append(
-            f"{len(odd_answers)} question(s) have other than the {VQA_ANSWERS_PER_QUESTION} answers of VQA v2 "
-            f"(first: question_id {first['question_id']} with {first['answers']}); the official accuracy averages "
-            f"over leave-one-out subsets of {VQA_ANSWERS_PER_QUESTION - 1}, so their scores are not comparable "
-            f"(list: {report / 'answer_counts.jsonl'})"
-        )
-        log.warning("%s", warnings[-1])
+    write_jsonl(report / "failures.jsonl", failures)
+    task_counts, warnings = spec.shard_report(anns, report)
     reasons: dict[str, int] = {}
     for m in missing:
         reasons[m["reason"]] = reasons.get(m["reason"], 0) + 1
@@ -331,7 +240,7 @@ def _write_task_dir(
             "missing_by_reason": reasons,
             "images_without_annotations": len(without_annotations),
             "failed": len(failures),
-            **({"questions_without_10_answers": len(odd_answers)} if task == "vqa" else {}),
+            **task_counts,
         },
         "features": {
             "path": str(fs.root.resolve()),
@@ -362,18 +271,13 @@ def _refuse_what_the_features_lack(fs: FeatureSet, task: str) -> None:
         raise ShardError(f"{fs.root}: {problem}")
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines."""
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _task_sample(
     key: str,
     sample: dict[str, bytes],
     group: list[Annotation],
-    task: str,
+    spec: DataTask,
     fs: FeatureSet,
-    given_boxes: _GivenBoxFeatures | None,
+    context: Any,
 ) -> tuple[dict[str, bytes], dict[str, Any], list[np.ndarray]]:
     """Members, index row and region feature arrays of one task sample (its regions once, all its records)."""
     absent = [m for m in (*REGION_MEMBERS, "json") if m not in sample]
@@ -390,18 +294,8 @@ def _task_sample(
         {"image_id": key, "width": meta["width"], "height": meta["height"], "num_boxes": int(feats.shape[0])}
     ).encode()
     records = [dict(a.record) for a in group]
-    if task == "refcoco":
-        boxes = load_npy(sample["boxes.npy"])
-        for r in records:
-            r["iou"] = [round(float(v), 6) for v in box_iou(boxes, r["gt_box"])]
-    if task == "vcr":
-        assert given_boxes is not None
-        from pipelines.annotations.vcr import read_vcr_metadata
-
-        gt = read_vcr_metadata(Path(group[0].extra["metadata"]))
-        prob_dtype = load_npy(sample["cls_prob.npy"]).dtype
-        gt_boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
-        members.update(given_boxes(group[0].extra["image"], gt_boxes, feats.dtype, prob_dtype))
+    # what needs the image's regions: RefCOCO IoUs in the records, VCR ground-truth box features
+    members.update(spec.sample_members(sample, group, records, context))
     members["ann.json"] = json.dumps(records, ensure_ascii=False).encode()
     regions = [feats] + ([load_npy(members["gt_features.npy"])] if "gt_features.npy" in members else [])
     return members, {"num_boxes": int(feats.shape[0]), "num_records": len(records)}, regions

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
-from vilbert_core.batches import vcr_pair_logits
-from vilbert_core.evaluation.evaluator import score_all_pairs
 from vilbert_core.evaluation.loading import LoadedModel
+from vilbert_core.tasks.retrieval import score_all_pairs
+from vilbert_core.tasks.vcr import vcr_pair_logits
 
 
 def _model(kind: str, **layers: object) -> torch.nn.Module:

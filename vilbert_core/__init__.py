@@ -4,16 +4,15 @@ Public model API (see docs/model.md):
     from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks, init_text_from_bert
 """
 
+from .checkpoint import LoadReport, init_text_from_bert
 from .config import ViLBERTConfig
 from .modeling import (
-    LoadReport,
     ViLBERTForPretraining,
     ViLBERTForTasks,
     ViLBERTModel,
     ViLBERTModelOutput,
     ViLBERTPretrainingOutput,
     ViLBERTTaskOutput,
-    init_text_from_bert,
 )
 
 __all__ = [

@@ -131,15 +131,39 @@ def is_project_state_dict(state: dict[str, Tensor]) -> bool:
     return any(strip_wrapper_prefixes(name).startswith("vilbert.") for name in state)
 
 
+# The multi-task checkpoint's answer classifiers: one SimpleClassifier per question-answering task, of the
+# same layout; the one a task reads becomes vqa_head (see `answer_head` below).
+ANSWER_HEADS = ("vil_prediction", "vil_prediction_gqa")
+
+
+def _answer_head_name(name: str, answer_head: str) -> tuple[str, str]:
+    """(name to map, "") with `answer_head`'s tensors renamed to vil_prediction's; ("", reason) for another task's."""
+    head, _, rest = name.partition(".")
+    if answer_head == "vil_prediction" or head not in ANSWER_HEADS:
+        return name, ""
+    if head == answer_head:
+        return f"vil_prediction.{rest}", ""
+    return "", f"answer head of another task of the multi-task model (this model reads {answer_head})"
+
+
 def convert_reference_state_dict(
-    state: dict[str, Tensor],
+    state: dict[str, Tensor], answer_head: str = "vil_prediction"
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str]]:
-    """Rename a reference state dict; returns (tensors by our name, skipped name -> reason, our name -> source name)."""
+    """Rename a reference state dict; returns (tensors by our name, skipped name -> reason, our name -> source name).
+
+    answer_head: which of the multi-task model's answer classifiers (ANSWER_HEADS) becomes vqa_head;
+    the default, VQA's vil_prediction, leaves the others skipped as before.
+    """
+    if answer_head not in ANSWER_HEADS:
+        raise ValueError(f"answer_head must be one of {', '.join(ANSWER_HEADS)}, got {answer_head!r}")
     converted: dict[str, Tensor] = {}
     skipped: dict[str, str] = {}
     origin: dict[str, str] = {}
     for raw_name, tensor in state.items():
-        name = normalize_reference_name(raw_name)
+        name, reason = _answer_head_name(normalize_reference_name(raw_name), answer_head)
+        if not name:
+            skipped[raw_name] = reason
+            continue
         ours, reason = reference_to_project(name)
         if ours is None:
             skipped[raw_name] = reason

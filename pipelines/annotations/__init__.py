@@ -5,7 +5,8 @@ to (a file name or path and/or a numeric id, matched to feature image ids by `pi
 `record` is the task record of `ann.json` (docs/contracts.md section 3) before the parts that need
 the image's regions (VQA labels, RefCOCO IoUs) are added by the shard job.
 
-`read_task_annotations(task, files, split)` picks the reader(s) for a task from the files' layouts.
+`read_task_annotations(task, files, split)` reads a task's files with the reader(s) its spec in
+`pipelines.tasks` names.
 A malformed file raises `AnnotationError` naming the file and the first bad record.
 """
 

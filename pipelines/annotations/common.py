@@ -1,4 +1,4 @@
-"""Shared types of the annotation readers and the dispatcher that picks a reader per task."""
+"""Shared types of the annotation readers, and the front door that reads a task's files with its reader(s)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-TASKS = ("captions", "vqa", "vcr", "refcoco", "retrieval")
 
 
 class AnnotationError(ValueError):
@@ -80,26 +78,14 @@ def require(path: Path, where: str, record: Any, keys: Sequence[str]) -> None:
 def read_task_annotations(
     task: str, files: Sequence[str | Path], split: str, images_dir: str | Path | None = None
 ) -> list[Annotation]:
-    """Read the annotation files of one task and split into `Annotation`s (format picked from each file)."""
-    from pipelines.annotations import captions, karpathy, refer, vcr, vqa
+    """Read the annotation files of one task and split into `Annotation`s, with the task's reader(s)."""
+    from pipelines.tasks import data_task
 
     paths = [Path(f) for f in files]
     if not paths:
         raise AnnotationError(f"task {task!r}: no annotation files given")
-    if task == "captions":
-        out: list[Annotation] = []
-        for p in paths:
-            out.extend(captions.read_captions(p))
-        return out
-    if task == "vqa":
-        return vqa.read_vqa(paths)
-    if task == "vcr":
-        return vcr.read_vcr(paths, images_dir)
-    if task == "refcoco":
-        return refer.read_refer(paths, split)
-    if task == "retrieval":
-        out = []
-        for p in paths:
-            out.extend(karpathy.read_karpathy(p, split))
-        return out
-    raise AnnotationError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    try:
+        spec = data_task(task)
+    except ValueError as err:
+        raise AnnotationError(str(err)) from None
+    return spec.read(paths, split, images_dir)

@@ -122,19 +122,30 @@ class Explanation:
 
 
 # ---------------------------------------------------------------------------------------------- model
+def _auto_head(loaded: LoadedModel) -> str:
+    """What `--head auto` reports: the training task's explain head (align for any pretraining model).
+
+    A bare checkpoint (no training task) with an answer list reports its answers; else the pair score.
+    """
+    from vilbert_core.tasks import tasks
+
+    if loaded.kind == "pretraining":
+        return "align"
+    spec = tasks().get(loaded.train_task or "")
+    if spec is not None and spec.model_kind == loaded.kind:
+        head = spec.explain_head
+    else:
+        head = "vqa" if loaded.train_task is None else "pair"
+    # an answer head without its answer list (a bare checkpoint) can only be read as a pair score
+    return "pair" if head == "vqa" and loaded.answers is None else head
+
+
 def resolve_head(loaded: LoadedModel, head: str) -> str:
     """The head to report for `--head` (auto: by model kind and training task); fails when the model lacks it."""
     if head not in HEADS:
         raise EvalError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
     if head == "auto":
-        if loaded.kind == "pretraining":
-            head = "align"
-        elif loaded.train_task == "refcoco":
-            head = "refer"
-        elif loaded.answers is not None and loaded.train_task in (None, "vqa"):
-            head = "vqa"
-        else:
-            head = "pair"
+        head = _auto_head(loaded)
     if head == "align" and loaded.kind != "pretraining":
         raise EvalError("--head align needs a pretraining model (a fine-tuned model has no alignment head)")
     if head in ("vqa", "refer", "pair") and loaded.kind != "tasks":

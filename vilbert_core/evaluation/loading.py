@@ -95,7 +95,10 @@ def detect_kind(weights: Path, train_task: str | None) -> str:
         if cls in _CLASS_KIND:
             return _CLASS_KIND[cls]
     if train_task is not None:
-        return "pretraining" if train_task in ("pretrain", "captions") else "tasks"
+        from vilbert_core.tasks import kind_for
+
+        # an unknown task name (a newer or older run) trained task heads: only pretraining differs
+        return kind_for(train_task) or "tasks"
     from vilbert_core.convert import reference_to_project
     from vilbert_core.torch_files import load_torch_file
 
@@ -114,8 +117,13 @@ def load_model(
     kind: str | None = None,
     max_text_len: int | None = None,
     max_regions: int | None = None,
+    task: str | None = None,
 ) -> LoadedModel:
-    """Load a run directory or checkpoint, its tokenizer and answer list, in eval mode on `device`."""
+    """Load a run directory or checkpoint, its tokenizer and answer list, in eval mode on `device`.
+
+    task: what the model is loaded for (default: its training task); a multi-task reference checkpoint
+    gives that task's answer head.
+    """
     from pipelines.tokenization import TextTokenizer
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
@@ -154,7 +162,13 @@ def load_model(
     reference = weights.suffix == ".bin" or (
         weights.is_dir() and not (weights / "model.safetensors").is_file()
     )
-    extra = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
+    extra: dict[str, Any] = {"num_answers": len(answer_list)} if (kind == "tasks" and answer_list and reference) else {}
+    if kind == "tasks" and reference:
+        from vilbert_core.tasks import tasks
+
+        spec = tasks().get(task or train_task or "")
+        if spec is not None:
+            extra["reference_answer_head"] = spec.reference_answer_head
     try:
         model = cls.from_pretrained(weights, **extra)
     except SafetensorError as err:

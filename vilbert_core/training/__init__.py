@@ -4,6 +4,6 @@ from vilbert_core.training import TrainArgs, run_train
 run_train(TrainArgs(task="vqa", data="vqa_train/", out="runs/vqa", vocab="vocab.txt", config="tiny"))
 """
 
-from .trainer import TASK_DEFAULTS, TrainArgs, TrainingDiverged, TrainingError, run_train
+from .trainer import TrainArgs, TrainingDiverged, TrainingError, run_train
 
-__all__ = ["TASK_DEFAULTS", "TrainArgs", "TrainingDiverged", "TrainingError", "run_train"]
+__all__ = ["TrainArgs", "TrainingDiverged", "TrainingError", "run_train"]

@@ -9,10 +9,32 @@ zeroed and 10% keep it. Labels are -100 wherever nothing is predicted.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class MaskingSpec:
+    """What pretraining masking needs to know about the vocabulary, and its random generator."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_token_ids: tuple[int, ...]
+    generator: torch.Generator
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
+        """Settings from a TextTokenizer: [MASK] id, vocabulary size, never-masked ids ([PAD], [CLS], [SEP])."""
+        return cls(
+            mask_token_id=tokenizer.mask_id,
+            vocab_size=tokenizer.vocab_size,
+            special_token_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id),
+            generator=generator,
+        )
 
 
 def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
@@ -79,3 +101,19 @@ def mask_regions(
     masked_feat = image_feat.masked_fill(zeroed.unsqueeze(-1), 0.0)
     labels = torch.where(picked, torch.ones(shape, dtype=torch.long, device=device), IGNORE_INDEX)
     return masked_feat, labels
+
+
+def mask_batch(
+    batch: dict[str, torch.Tensor], spec: MaskingSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked input_ids, MLM labels, masked image_feat, region labels) of a batch: tokens first, then regions."""
+    input_ids, mlm_labels = mask_tokens(
+        batch["input_ids"],
+        batch["attention_mask"],
+        mask_token_id=spec.mask_token_id,
+        vocab_size=spec.vocab_size,
+        special_token_ids=spec.special_token_ids,
+        generator=spec.generator,
+    )
+    image_feat, region_labels = mask_regions(batch["image_feat"], batch["image_mask"], generator=spec.generator)
+    return input_ids, mlm_labels, image_feat, region_labels

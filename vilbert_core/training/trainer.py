@@ -1,10 +1,11 @@
 """`run_train`: pretraining and fine-tuning of ViLBERT on task shards, on one CPU or many GPUs and nodes.
 
-Read top to bottom: the arguments (TrainArgs, per-task defaults from the paper), the data (task.json
-checks, one loader per epoch, skipping to the saved position on resume), the model (fresh, from a
-checkpoint, text stream from BERT), then the loop: gradient accumulation, clipping, warmup + linear
-decay, NaN stop, logging, atomic checkpoints, validation with a best checkpoint, and the run folder
-of docs/contracts.md section 6.
+Read top to bottom: the arguments (TrainArgs, per-task defaults from the task registry,
+`vilbert_core.tasks`), the data (task.json checks, one loader per epoch, skipping to the saved position
+on resume), the model (fresh, from a checkpoint, text stream from BERT), then `Trainer`: set-up, and
+the loop of `step` (gradient accumulation, clipping, warmup + linear decay, NaN stop), `log`,
+`validate` (with a best checkpoint) and `checkpoint` (atomic), and the run folder of
+docs/contracts.md section 6.
 
 `--batch-size` is the global batch: samples per optimiser step over all ranks and accumulation steps.
 Each rank feeds batch_size / (world_size * grad_accum) samples per forward pass, so the same command
@@ -31,15 +32,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from extract.config import CLS_PROB_DIM, MAX_BOXES
+from extract.config import CLS_PROB_DIM
 from extract.devices import autocast, check_precision
 from extract.devices import resolve_precision as _resolve_precision
-from pipelines.datasets import SWAP_TASKS
 from pipelines.fileio import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
 from pipelines.formats.tasks import answers_path, check_task_source, load_task_feature_stats, read_answers
 from pipelines.formats.tasks import read_task_json as _read_task_json
-from pipelines.tokenization import MAX_TEXT_LEN
-from vilbert_core.batches import SHARD_TASK, batch_size_of, batch_to_device
+from vilbert_core.batches import batch_size_of, batch_to_device
+from vilbert_core.tasks import get_task, tasks
 
 from .checkpointing import (
     capture_rng_state,
@@ -65,27 +65,7 @@ from .distributed import (
 from .memory import return_freed_memory_to_os
 from .metrics_log import MetricsLog, plot_curves
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import TASKS, MaskingSpec, TaskLossModule, validation_scores
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    """Paper / reference hyperparameters of one task: global batch, peak learning rate, epochs."""
-
-    batch_size: int
-    lr: float
-    epochs: float
-    metric: str  # validation score name (higher is better)
-
-
-# ViLBERT (Lu et al. 2019) section 4 and the reference code's task configs.
-TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "pretrain": TaskDefaults(batch_size=512, lr=1e-4, epochs=10, metric="align_acc"),
-    "vqa": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="vqa_score"),
-    "vcr": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
-    "refcoco": TaskDefaults(batch_size=256, lr=4e-5, epochs=20, metric="accuracy"),
-    "retrieval": TaskDefaults(batch_size=64, lr=2e-5, epochs=20, metric="accuracy"),
-}
+from .tasks import MaskingSpec, TaskLossModule, validation_scores
 
 
 class TrainingError(RuntimeError):
@@ -116,8 +96,8 @@ class TrainArgs:
     warmup: float = 0.1  # < 1: fraction of the total steps; >= 1: a number of steps
     epochs: float | None = None
     steps: int | None = None
-    max_text_len: int = MAX_TEXT_LEN
-    max_regions: int = MAX_BOXES
+    max_text_len: int | None = None  # None: the task's default
+    max_regions: int | None = None
     # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
     feature_norm: str | None = None
     clip_grad: float = 1.0
@@ -166,15 +146,17 @@ class TrainArgs:
 
     def resolved(self) -> TrainArgs:
         """A copy with the task defaults filled in, checked for consistency."""
-        if self.task not in TASKS:
-            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task not in tasks():
+            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(tasks())}")
         self.check_numbers()
-        d = TASK_DEFAULTS[self.task]
+        d = get_task(self.task).defaults
         out = dataclasses.replace(
             self,
             batch_size=self.batch_size or d.batch_size,
             lr=self.lr if self.lr is not None else d.lr,
             epochs=self.epochs if (self.epochs is not None or self.steps is not None) else d.epochs,
+            max_text_len=self.max_text_len or d.max_text_len,
+            max_regions=self.max_regions or d.max_regions,
         )
         if out.feature_norm not in (None, "standardize", "none"):
             raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
@@ -200,13 +182,14 @@ def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
     """Fail clearly when the shards were written for another task."""
     if info is None:
         return
-    expected = SHARD_TASK[task]
+    spec = get_task(task)
+    expected = spec.shard_task
     if info.get("task") != expected:
         raise TrainingError(
             f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
             f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
         )
-    if task == "pretrain" and not (info.get("features") or {}).get("class_distributions", True):
+    if spec.data.needs_class_distributions and not (info.get("features") or {}).get("class_distributions", True):
         # features converted from a release without cls_prob: MRM would learn against zeros
         raise TrainingError(
             f"{data}: the region features have no class distributions (converted from a release that lacks "
@@ -246,7 +229,7 @@ def default_loader_factory(
         try:
             loader = make_loader(
                 source,
-                SHARD_TASK[args.task],
+                get_task(args.task).shard_task,
                 args.vocab,
                 batch_size=batch_size,
                 max_text_len=args.max_text_len,
@@ -316,12 +299,7 @@ def load_tokenizer(vocab: str, max_text_len: int) -> Any:
 
 def masking_spec(tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
     """MLM masking settings from the tokenizer: [MASK] id, vocabulary size, never-masked ids."""
-    return MaskingSpec(
-        mask_token_id=tokenizer.mask_id,
-        vocab_size=tokenizer.vocab_size,
-        special_token_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id),
-        generator=generator,
-    )
+    return MaskingSpec.for_tokenizer(tokenizer, generator)
 
 
 def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) -> Any:
@@ -387,10 +365,14 @@ def build_model(
     """
     from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
 
-    cls = ViLBERTForPretraining if args.task == "pretrain" else ViLBERTForTasks
+    spec = get_task(args.task)
+    tasks_model = spec.model_kind == "tasks"
+    cls = ViLBERTForTasks if tasks_model else ViLBERTForPretraining
     # A checkpoint keeps its own VQA answer count unless the shards' answers.json gives one: forcing a
     # count onto a checkpoint whose VQA head has another size would make loading fail on the shape.
-    kwargs = {"num_answers": num_answers} if args.task != "pretrain" and num_answers is not None else {}
+    kwargs: dict[str, Any] = {"num_answers": num_answers} if tasks_model and num_answers is not None else {}
+    if tasks_model:  # a multi-task reference checkpoint holds one answer head per task: take this task's
+        kwargs["reference_answer_head"] = spec.reference_answer_head
     bert_names: set[str] = set()
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     if source is not None:
@@ -399,7 +381,7 @@ def build_model(
         except (ValueError, FileNotFoundError) as err:  # a refused pickle, missing or mis-shaped tensors
             raise TrainingError(f"{'--resume' if resume_dir else '--init-from'} {source}: {err}") from None
         check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
-        if args.task == "pretrain" and model.config.v_target_size != CLS_PROB_DIM:
+        if spec.data.needs_class_distributions and model.config.v_target_size != CLS_PROB_DIM:
             # masked region modelling predicts the detector's class distribution over its 1601 classes
             raise TrainingError(
                 f"the checkpoint {source} predicts {model.config.v_target_size} region classes but the "
@@ -414,7 +396,7 @@ def build_model(
     else:
         cfg = resolve_config(args, vocab_size, feature_dim)
         check_model_matches(cfg, vocab_size, feature_dim, f"--config {args.config}", args.vocab)
-        if args.task != "pretrain":
+        if tasks_model:
             cfg.num_answers = num_answers or 1
         cfg.v_feature_norm = args.feature_norm or "standardize"
         model = cls(cfg)
@@ -505,7 +487,7 @@ def _count_samples(info: dict[str, Any] | None, task: str) -> int | None:
     counts = info.get("counts", {})
     for key in ("samples", "records"):
         if isinstance(counts.get(key), int):
-            return counts[key] * (2 if task == "vcr" else 1)
+            return counts[key] * get_task(task).data.examples_per_record
     return None
 
 
@@ -524,7 +506,7 @@ def evaluate(
     model.train(was_training)
     summed = all_reduce_sum(ctx, torch.tensor([total, float(count)], dtype=torch.float64))
     total, count = float(summed[0]), int(round(float(summed[1])))
-    return {TASK_DEFAULTS[task].metric: total / count if count else float("nan"), "samples": count}
+    return {get_task(task).defaults.metric: total / count if count else float("nan"), "samples": count}
 
 
 # The alignment loss of a model that cannot tell matching pairs from others is ln 2 = 0.693.
@@ -536,7 +518,8 @@ VISION_GAP_MIN = 0.01
 def training_warnings(task: str, align_losses: list[float], val_record: dict[str, float] | None) -> list[str]:
     """Warnings about a finished run: alignment at chance, a model that does not use the image."""
     warnings = []
-    if task == "pretrain" and align_losses and sum(align_losses) / len(align_losses) >= ALIGN_CHANCE_LOSS:
+    # align_losses: only pretraining has an alignment loss
+    if align_losses and sum(align_losses) / len(align_losses) >= ALIGN_CHANCE_LOSS:
         mean = sum(align_losses) / len(align_losses)
         warnings.append(
             f"the alignment loss stayed at chance ({mean:.3f} over the last {len(align_losses)} steps; "
@@ -544,7 +527,7 @@ def training_warnings(task: str, align_losses: list[float], val_record: dict[str
             "captions describe their images, or that the features differ between images (docs/training.md)"
         )
     if val_record and "vision_gap" in val_record and val_record["vision_gap"] < VISION_GAP_MIN:
-        metric = TASK_DEFAULTS[task].metric
+        metric = get_task(task).defaults.metric
         warnings.append(
             f"the last validation {metric} moved by {val_record['vision_gap']:.4f} when every example got "
             "another image's regions: the model answers without looking at the image (docs/training.md)"
@@ -559,7 +542,7 @@ def run_train(
     args = (args or TrainArgs(**kwargs)).resolved()
     ctx = setup_distributed(args.device)
     try:
-        return _train(args, ctx, loader_factory)
+        return Trainer(args, ctx, loader_factory).run()
     except (OSError, SafetensorError, RuntimeError) as err:
         if not is_disk_full(err):
             raise
@@ -572,306 +555,358 @@ def run_train(
         teardown_distributed(ctx)
 
 
-def _train(args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | None) -> dict[str, Any]:
-    """The body of run_train once the process group is up."""
-    run_dir = Path(args.out)
-    ckpt_root = run_dir / "checkpoints"
-    try:
-        if ctx.is_main:
-            make_out_dir(run_dir)
-        else:
-            check_out_dir(run_dir)
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
-    threads = configure_threads(args.num_workers, args.threads)
+class Trainer:
+    """One run of `run_train`: set up from the arguments, then `run()` to the last step.
 
-    # -- data: what the sources are, task check, vocabulary, answers, feature size
-    try:
-        check_task_source(args.data, "--data")
-        if args.val:
-            check_task_source(args.val, "--val")
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
-    info = read_task_json(args.data)
-    check_task_json(info, args.task, args.data)
-    if args.val:
-        check_task_json(read_task_json(args.val), args.task, args.val)
-    tokenizer = load_tokenizer(args.vocab, args.max_text_len)
-    answers = answers_file(args.data, info)
-    num_answers = len(read_answers(args.data, info)) if answers else None
-    if args.task == "vqa" and num_answers is None and args.init_from is None:
-        raise TrainingError(f"{args.data}: VQA shards need their answers.json (answer_vocab in task.json)")
-    feature_dim = (info or {}).get("features", {}).get("feature_dim")
+    Setting up reads the data (task.json checks, vocabulary, answers, steps), finds the resume point,
+    builds the model, optimiser and schedule, restores a checkpoint's state and writes the run files.
+    `run()` repeats `step()` (one optimiser step over the gradient-accumulation micro-batches of every
+    rank), `log()`, `validate()` (with --val: the score, the same with shuffled images, best/) and
+    `checkpoint()` (checkpoints/step-N, everything --resume needs).
+    """
 
-    per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
-    if per_rank * ctx.world_size * args.grad_accum != args.batch_size:
-        raise TrainingError(
-            f"--batch-size {args.batch_size} must be a multiple of world size x grad accum = "
-            f"{ctx.world_size} x {args.grad_accum}"
-        )
-    # -- total steps: --steps, or epochs x samples per epoch
-    n_samples = _count_samples(info, args.task)
-    if n_samples == 0:
-        raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
-    steps_per_epoch = math.ceil(n_samples / args.batch_size) if n_samples else None
-    if args.steps is not None:
-        total_steps = args.steps
-    elif steps_per_epoch is None:
-        raise TrainingError(f"{args.data}: the sample count is unknown (no task.json counts); pass --steps")
-    else:
-        total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
-    if args.resampled and steps_per_epoch is None:
-        raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
-    factory = loader_factory or default_loader_factory(args, ctx, steps_per_epoch=steps_per_epoch)
-    stream = BatchStream(factory, args.data, per_rank, ctx)
-    if feature_dim is None:  # shard URLs without a task.json: read the size off the first batch
+    def __init__(self, args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | None) -> None:
+        self.args, self.ctx, self.spec = args, ctx, get_task(args.task)
+        self.run_dir = Path(args.out)
+        self.ckpt_root = self.run_dir / "checkpoints"
         try:
-            first = next(iter(factory(args.data, 0, per_rank)), None)
-        except FileNotFoundError as err:
-            raise TrainingError(f"{args.data}: {err}") from None
-        if first is None:
-            raise TrainingError(f"{args.data}: the data source yields no training samples")
-        feature_dim = int(first["image_feat"].shape[-1])
-    warmup_steps = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+            if ctx.is_main:
+                make_out_dir(self.run_dir)
+            else:
+                check_out_dir(self.run_dir)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        self.threads = configure_threads(args.num_workers, args.threads)
+        self._read_data(loader_factory)
+        self._find_resume_point()
+        self._build()
+        self._restore_or_clean()
+        self._start_logs(loader_factory)
 
-    # -- resume point
-    if args.resume and ctx.is_main:
-        # checkpoint and best/ folders that killed runs were writing: nobody will finish them
-        for folder in (ckpt_root, run_dir):
-            remove_dead_writers_temps(folder)
-    resume_dir = latest_checkpoint(ckpt_root) if args.resume else None
-    if args.resume and resume_dir is None and ctx.is_main:
-        print(f"--resume: no checkpoint under {ckpt_root}; starting from scratch")
-    try:
-        state = load_trainer_state(resume_dir) if resume_dir else None
-    except ValueError as err:  # a refused (malicious) or damaged trainer_state.pt, named in the message
-        raise TrainingError(f"--resume: {err}") from None
+    # -------------------------------------------------------------- set-up
+    def _read_data(self, loader_factory: LoaderFactory | None) -> None:
+        """What the sources are, task check, vocabulary, answers, feature size, batch per rank, total steps."""
+        args, ctx = self.args, self.ctx
+        try:
+            check_task_source(args.data, "--data")
+            if args.val:
+                check_task_source(args.val, "--val")
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        info = read_task_json(args.data)
+        check_task_json(info, args.task, args.data)
+        if args.val:
+            check_task_json(read_task_json(args.val), args.task, args.val)
+        self.tokenizer = load_tokenizer(args.vocab, args.max_text_len)
+        self.answers = answers_file(args.data, info)
+        self.num_answers = len(read_answers(args.data, info)) if self.answers else None
+        if self.spec.answer_head and self.num_answers is None and args.init_from is None:
+            raise TrainingError(f"{args.data}: {args.task} shards need their answers.json (answer_vocab in task.json)")
+        self.feature_dim = (info or {}).get("features", {}).get("feature_dim")
 
-    # a new model standardises its region features with the training split's statistics (docs/training.md)
-    stats, stats_source = None, None
-    if resume_dir is None and args.init_from is None and args.feature_norm in (None, "standardize"):
-        stats, stats_source = training_feature_stats(args, factory, per_rank, ctx)
+        self.per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
+        if self.per_rank * ctx.world_size * args.grad_accum != args.batch_size:
+            raise TrainingError(
+                f"--batch-size {args.batch_size} must be a multiple of world size x grad accum = "
+                f"{ctx.world_size} x {args.grad_accum}"
+            )
+        # total steps: --steps, or epochs x samples per epoch
+        n_samples = _count_samples(info, args.task)
+        if n_samples == 0:
+            raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
+        self.steps_per_epoch = math.ceil(n_samples / args.batch_size) if n_samples else None
+        if args.steps is not None:
+            self.total_steps = args.steps
+        elif self.steps_per_epoch is None:
+            raise TrainingError(f"{args.data}: the sample count is unknown (no task.json counts); pass --steps")
+        else:
+            self.total_steps = max(1, math.ceil(args.epochs * self.steps_per_epoch))
+        if args.resampled and self.steps_per_epoch is None:
+            raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
+        self.factory = loader_factory or default_loader_factory(args, ctx, steps_per_epoch=self.steps_per_epoch)
+        self.stream = BatchStream(self.factory, args.data, self.per_rank, ctx)
+        if self.feature_dim is None:  # shard URLs without a task.json: read the size off the first batch
+            try:
+                first = next(iter(self.factory(args.data, 0, self.per_rank)), None)
+            except FileNotFoundError as err:
+                raise TrainingError(f"{args.data}: {err}") from None
+            if first is None:
+                raise TrainingError(f"{args.data}: the data source yields no training samples")
+            self.feature_dim = int(first["image_feat"].shape[-1])
+        self.warmup_steps = int(args.warmup * self.total_steps) if args.warmup < 1 else int(args.warmup)
 
-    _seed_everything(args.seed + ctx.rank)
-    model, bert_names = build_model(args, tokenizer.vocab_size, feature_dim, num_answers, resume_dir, stats)
-    if state is not None:
-        bert_names = set(state.get("bert_param_names", []))
-    model.to(ctx.device)
-    model.train()
-    model.gradient_checkpointing_enable(args.activation_checkpointing)
-    return_freed_memory_to_os()  # freed activations and gradients go back to the OS (BENCHMARKS.md)
-    optimizer = build_optimizer(
-        model,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        bert_param_names=bert_names,
-        bert_lr_mult=args.bert_lr_mult,
-    )
-    scheduler = warmup_linear_schedule(optimizer, warmup_steps, total_steps)
-    precision = resolve_precision(args, ctx.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
-    masking = masking_spec(tokenizer, mask_gen) if args.task == "pretrain" else None
+    def _find_resume_point(self) -> None:
+        """The newest checkpoint and its trainer state with --resume (None otherwise, or when there is none)."""
+        args, ctx = self.args, self.ctx
+        if args.resume and ctx.is_main:
+            # checkpoint and best/ folders that killed runs were writing: nobody will finish them
+            for folder in (self.ckpt_root, self.run_dir):
+                remove_dead_writers_temps(folder)
+        self.resume_dir = latest_checkpoint(self.ckpt_root) if args.resume else None
+        if args.resume and self.resume_dir is None and ctx.is_main:
+            print(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
+        try:
+            self.resumed = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        except ValueError as err:  # a refused (malicious) or damaged trainer_state.pt, named in the message
+            raise TrainingError(f"--resume: {err}") from None
 
-    step, samples_seen = 0, 0
-    best = {"metric": None, "step": None}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, samples_seen = state["step"], state["samples_seen"]
-        best = state.get("best", best)
-        stream.seek(state["epoch"], state["in_epoch"])
-        rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
-        # after the loader is rebuilt: building it may draw from the global RNG
-        restore_rng_state(rng, {"masking": mask_gen})
-    elif ctx.is_main:
-        # a fresh run in an old folder must not resume from, or report, the old run's files
-        for stale in (ckpt_root, run_dir / "best"):
-            if stale.exists():
-                shutil.rmtree(stale)
+    def _build(self) -> None:
+        """Model (on its device, in train mode), optimiser, schedule, precision, grad scaler, masking."""
+        args, ctx = self.args, self.ctx
+        # a new model standardises its region features with the training split's statistics (docs/training.md)
+        stats, self.stats_source = None, None
+        if self.resume_dir is None and args.init_from is None and args.feature_norm in (None, "standardize"):
+            stats, self.stats_source = training_feature_stats(args, self.factory, self.per_rank, ctx)
 
-    # DDP wraps model + loss: heads another task uses (computed but not in the loss) then count as unused
-    train_model: nn.Module = TaskLossModule(model, args.task, masking)
-    if ctx.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model,
-            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=args.task != "pretrain",
+        _seed_everything(args.seed + ctx.rank)
+        self.model, bert_names = build_model(
+            args, self.tokenizer.vocab_size, self.feature_dim, self.num_answers, self.resume_dir, stats
         )
-
-    if ctx.is_main:
-        _write_run_files(
-            args, run_dir, model, answers, num_answers, feature_dim, total_steps, warmup_steps, precision, ctx,
-            stats_source, config_used(args, resume_dir, run_dir), threads,
+        if self.resumed is not None:
+            bert_names = set(self.resumed.get("bert_param_names", []))
+        self.bert_names = bert_names
+        self.model.to(ctx.device)
+        self.model.train()
+        self.model.gradient_checkpointing_enable(args.activation_checkpointing)
+        return_freed_memory_to_os()  # freed activations and gradients go back to the OS (BENCHMARKS.md)
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            bert_param_names=bert_names,
+            bert_lr_mult=args.bert_lr_mult,
         )
-    log = (
-        MetricsLog(run_dir, resume_step=step if state else None, tensorboard=args.tensorboard)
-        if ctx.is_main
-        else None
-    )
+        self.scheduler = warmup_linear_schedule(self.optimizer, self.warmup_steps, self.total_steps)
+        self.precision = resolve_precision(args, ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
+        pretraining = self.spec.model_kind == "pretraining"
+        masking = masking_spec(self.tokenizer, self.mask_gen) if pretraining else None
+        # DDP wraps model + loss: heads another task uses (computed but not in the loss) then count as unused
+        self.train_model: nn.Module = TaskLossModule(self.model, args.task, masking)
+        self.step_count, self.samples_seen = 0, 0
+        self.best: dict[str, Any] = {"metric": None, "step": None}
 
-    def trainer_state() -> dict[str, Any]:
-        """Everything but the model needed to continue exactly where the run is."""
-        rngs = gather_objects(ctx, capture_rng_state({"masking": mask_gen}))
+    def _restore_or_clean(self) -> None:
+        """Continue a resumed run's optimiser, schedule, data position and RNGs; or clear an old run's files."""
+        state, ctx = self.resumed, self.ctx
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.step_count, self.samples_seen = state["step"], state["samples_seen"]
+            self.best = state.get("best", self.best)
+            self.stream.seek(state["epoch"], state["in_epoch"])
+            rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
+            # after the loader is rebuilt: building it may draw from the global RNG
+            restore_rng_state(rng, {"masking": self.mask_gen})
+        elif ctx.is_main:
+            # a fresh run in an old folder must not resume from, or report, the old run's files
+            for stale in (self.ckpt_root, self.run_dir / "best"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+        if ctx.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.train_model,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=self.spec.model_kind != "pretraining",
+            )
+
+    def _start_logs(self, loader_factory: LoaderFactory | None) -> None:
+        """Run files, metrics.jsonl, validation loaders, the progress bar."""
+        args, ctx = self.args, self.ctx
+        if ctx.is_main:
+            _write_run_files(
+                args, self.run_dir, self.model, self.answers, self.num_answers, self.feature_dim, self.total_steps,
+                self.warmup_steps, self.precision, ctx, self.stats_source,
+                config_used(args, self.resume_dir, self.run_dir), self.threads,
+            )  # fmt: skip
+        resume_step = self.step_count if self.resumed else None
+        self.log_file = MetricsLog(self.run_dir, resume_step=resume_step, tensorboard=args.tensorboard) if ctx.is_main else None
+        self.val_factory = self.swap_factory = None
+        if args.val:
+            self.val_factory = loader_factory or default_loader_factory(args, ctx, train=False)
+            if loader_factory is None and self.spec.data.swap:
+                self.swap_factory = default_loader_factory(args, ctx, train=False, swap_images=True)
+        self.bar = None
+        if ctx.is_main and args.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"train {args.task}", unit="step",
+                            dynamic_ncols=True)  # fmt: skip
+        self.last: dict[str, float] = {}
+        # the last steps' alignment losses, to warn when pretraining alignment stays at chance
+        self.align_window: collections.deque[float] = collections.deque(maxlen=max(10, min(50, self.total_steps // 10)))
+        self.last_val: dict[str, float] | None = None
+        self.t_last, self.samples_since = time.perf_counter(), 0
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        """Train to the last step; the run's summary (steps, last losses, best metric, warnings)."""
+        args, ctx = self.args, self.ctx
+        try:
+            while self.step_count < self.total_steps:
+                epoch_before = self.stream.epoch
+                lr, grad_norm = self.step()
+                self.log(lr, grad_norm)
+                step = self.step_count
+                # epochs of the task.json size; without a count, the step that crossed into a new epoch
+                epoch_ended = (
+                    step % self.steps_per_epoch == 0 if self.steps_per_epoch else self.stream.epoch != epoch_before
+                )
+                if self.val_factory is not None and (
+                    (args.eval_every and step % args.eval_every == 0)
+                    or (not args.eval_every and epoch_ended)
+                    or step == self.total_steps
+                ):
+                    self.validate()
+                if step % args.checkpoint_every == 0 or step == self.total_steps:
+                    self.checkpoint()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.log_file is not None:
+                self.log_file.close()
+
+        warnings = training_warnings(args.task, list(self.align_window), self.last_val)
+        if ctx.is_main:
+            self.model.save_pretrained(self.run_dir)
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        barrier(ctx)
         return {
-            "step": step,
-            "samples_seen": samples_seen,
-            "epoch": stream.epoch,
-            "in_epoch": stream.in_epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "rng": rngs,
-            "best": best,
-            "bert_param_names": sorted(bert_names),
+            "warnings": warnings,
+            "run_dir": str(self.run_dir),
+            "steps": self.step_count,
+            "samples": self.samples_seen,
+            "last": self.last,
+            "best": self.best,
+            "precision": self.precision,
             "world_size": ctx.world_size,
+            "rank": ctx.rank,
         }
 
-    def checkpoint() -> Path | None:
-        """Save checkpoints/step-N (all ranks take part in gathering RNG states)."""
-        st = trainer_state()
-        path = None
+    def step(self) -> tuple[float, torch.Tensor]:
+        """One optimiser step: accumulate the micro-batches' gradients, stop on a NaN, clip, update.
+
+        Returns the base learning rate it used and the gradient norm before clipping; the losses (mean
+        over ranks) are in `self.last`.
+        """
+        args, ctx = self.args, self.ctx
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(args.grad_accum):
+            batch = batch_to_device(self.stream.next(), ctx.device)
+            sync = micro == args.grad_accum - 1 or not ctx.distributed
+            with (
+                contextlib.nullcontext() if sync else self.train_model.no_sync(),
+                autocast(self.precision, ctx.device.type),
+            ):
+                losses = self.train_model(batch)
+            self.scaler.scale(losses["loss"] / args.grad_accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+            self.samples_since += batch_size_of(batch) * ctx.world_size
+            self.samples_seen += batch_size_of(batch) * ctx.world_size
+
+        keys = sorted(sums)
+        mean = all_reduce_mean(ctx, torch.stack([sums[k] for k in keys]))
+        self.last = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+        if "align" in self.last:
+            self.align_window.append(self.last["align"])
+        if not math.isfinite(self.last["loss"]):
+            raise TrainingDiverged(
+                f"the loss became {self.last['loss']} at step {self.step_count + 1}; training stopped. The last good "
+                f"checkpoint is {self.last_good()} (continue from it with --resume, e.g. with a lower --lr)"
+            )
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        # the base rate of --lr: BERT-initialised groups run at bert_lr_mult times it, above or below
+        lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_mult"]
+        self.scheduler.step()
+        self.step_count += 1
+        return lr, grad_norm
+
+    def log(self, lr: float, grad_norm: torch.Tensor) -> None:
+        """A metrics.jsonl line every --log-every steps (and at the last), and the progress bar (main process)."""
+        args, step = self.args, self.step_count
+        now = time.perf_counter()
+        if self.ctx.is_main:
+            rate = self.samples_since / max(now - self.t_last, 1e-9)
+            if step % args.log_every == 0 or step == self.total_steps:
+                record = {
+                    "step": step,
+                    "epoch": self.stream.epoch,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples": self.samples_seen,
+                    "samples_per_s": rate,
+                }
+                record.update({("loss" if k == "loss" else f"loss_{k}"): v for k, v in self.last.items()})
+                self.log_file.write(record)
+            if self.bar is not None:
+                self.bar.set_postfix(
+                    loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", ep=self.stream.epoch
+                )
+                self.bar.update(1)
+        self.t_last, self.samples_since = now, 0
+
+    def validate(self) -> None:
+        """Score --val (and, where the task defines it, with other images' regions); keep best/ on a new best."""
+        args, ctx, step = self.args, self.ctx, self.step_count
+        name = self.spec.defaults.metric
+        scores = evaluate(self.model, self.val_factory(args.val, 0, self.per_rank), args.task, ctx, self.precision)
+        metric = scores[name]
+        if self.swap_factory is not None:
+            # the same examples with other images' regions: how much the score owes to the image
+            swap_loader = self.swap_factory(args.val, 0, self.per_rank)
+            swapped = evaluate(self.model, swap_loader, args.task, ctx, self.precision)
+            scores[f"{name}_images_shuffled"] = swapped[name]
+            scores["vision_gap"] = metric - swapped[name]
+        self.last_val = scores
         if ctx.is_main:
-            protect = ckpt_root / f"step-{best['step']}" if best["step"] is not None else None
-            path = save_checkpoint(ckpt_root, step, model, st, keep=args.keep_checkpoints, protect=protect)
-        barrier(ctx)
+            self.log_file.write({"step": step, "split": "val", **scores})
+        if self.best["metric"] is None or (math.isfinite(metric) and metric > self.best["metric"]):
+            self.best = {"metric": metric, "step": step}
+            if ctx.is_main:
+                _save_best(self.run_dir, self.model, step, scores)
+            barrier(ctx)
+
+    def state(self) -> dict[str, Any]:
+        """Everything but the model needed to continue exactly where the run is (all ranks gather RNGs)."""
+        rngs = gather_objects(self.ctx, capture_rng_state({"masking": self.mask_gen}))
+        return {
+            "step": self.step_count,
+            "samples_seen": self.samples_seen,
+            "epoch": self.stream.epoch,
+            "in_epoch": self.stream.in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rngs,
+            "best": self.best,
+            "bert_param_names": sorted(self.bert_names),
+            "world_size": self.ctx.world_size,
+        }
+
+    def checkpoint(self) -> Path | None:
+        """Save checkpoints/step-N (all ranks take part in gathering RNG states); the best one is kept."""
+        st = self.state()
+        path = None
+        if self.ctx.is_main:
+            protect = self.ckpt_root / f"step-{self.best['step']}" if self.best["step"] is not None else None
+            path = save_checkpoint(
+                self.ckpt_root, self.step_count, self.model, st, keep=self.args.keep_checkpoints, protect=protect
+            )
+        barrier(self.ctx)
         return path
 
-    def last_good() -> str:
+    def last_good(self) -> str:
         """Where the newest complete checkpoint is, for error messages."""
-        ck = latest_checkpoint(ckpt_root)
+        ck = latest_checkpoint(self.ckpt_root)
         return str(ck) if ck else "none was written yet"
-
-    val_factory = swap_factory = None
-    if args.val:
-        val_factory = (
-            default_loader_factory(args, ctx, train=False) if loader_factory is None else loader_factory
-        )
-        if loader_factory is None and SHARD_TASK[args.task] in SWAP_TASKS:
-            swap_factory = default_loader_factory(args, ctx, train=False, swap_images=True)
-
-    bar = None
-    if ctx.is_main and args.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=total_steps, initial=step, desc=f"train {args.task}", unit="step", dynamic_ncols=True
-        )
-    last: dict[str, float] = {}
-    # the last steps' alignment losses, to warn when pretraining alignment stays at chance
-    align_window: collections.deque[float] = collections.deque(maxlen=max(10, min(50, total_steps // 10)))
-    last_val: dict[str, float] | None = None
-    t_last = time.perf_counter()
-    samples_since = 0
-    try:
-        while step < total_steps:
-            epoch_before = stream.epoch
-            sums: dict[str, torch.Tensor] = {}
-            for micro in range(args.grad_accum):
-                batch = batch_to_device(stream.next(), ctx.device)
-                sync = micro == args.grad_accum - 1 or not ctx.distributed
-                with (
-                    contextlib.nullcontext() if sync else train_model.no_sync(),
-                    autocast(precision, ctx.device.type),
-                ):
-                    losses = train_model(batch)
-                scaler.scale(losses["loss"] / args.grad_accum).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
-                samples_since += batch_size_of(batch) * ctx.world_size
-                samples_seen += batch_size_of(batch) * ctx.world_size
-
-            keys = sorted(sums)
-            mean = all_reduce_mean(ctx, torch.stack([sums[k] for k in keys]))
-            last = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
-            if "align" in last:
-                align_window.append(last["align"])
-            if not math.isfinite(last["loss"]):
-                raise TrainingDiverged(
-                    f"the loss became {last['loss']} at step {step + 1}; training stopped. The last good "
-                    f"checkpoint is {last_good()} (continue from it with --resume, e.g. with a lower --lr)"
-                )
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            # the base rate of --lr: BERT-initialised groups run at bert_lr_mult times it, above or below
-            lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_mult"]
-            scheduler.step()
-            step += 1
-
-            now = time.perf_counter()
-            if ctx.is_main:
-                rate = samples_since / max(now - t_last, 1e-9)
-                if step % args.log_every == 0 or step == total_steps:
-                    record = {
-                        "step": step,
-                        "epoch": stream.epoch,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "samples": samples_seen,
-                        "samples_per_s": rate,
-                    }
-                    record.update({("loss" if k == "loss" else f"loss_{k}"): v for k, v in last.items()})
-                    log.write(record)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", ep=stream.epoch
-                    )
-                    bar.update(1)
-            t_last, samples_since = now, 0
-
-            # epochs of the task.json size; without a count, the step that crossed into a new epoch
-            epoch_ended = step % steps_per_epoch == 0 if steps_per_epoch else stream.epoch != epoch_before
-            do_eval = val_factory is not None and (
-                (args.eval_every and step % args.eval_every == 0)
-                or (not args.eval_every and epoch_ended)
-                or step == total_steps
-            )
-            if do_eval:
-                scores = evaluate(model, val_factory(args.val, 0, per_rank), args.task, ctx, precision)
-                metric = scores[TASK_DEFAULTS[args.task].metric]
-                if swap_factory is not None:
-                    # the same examples with other images' regions: how much the score owes to the image
-                    swapped = evaluate(model, swap_factory(args.val, 0, per_rank), args.task, ctx, precision)
-                    name = TASK_DEFAULTS[args.task].metric
-                    scores[f"{name}_images_shuffled"] = swapped[name]
-                    scores["vision_gap"] = metric - swapped[name]
-                last_val = scores
-                if ctx.is_main:
-                    log.write({"step": step, "split": "val", **scores})
-                if best["metric"] is None or (math.isfinite(metric) and metric > best["metric"]):
-                    best = {"metric": metric, "step": step}
-                    if ctx.is_main:
-                        _save_best(run_dir, model, step, scores)
-                    barrier(ctx)
-            if step % args.checkpoint_every == 0 or step == total_steps:
-                checkpoint()
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-
-    warnings = training_warnings(args.task, list(align_window), last_val)
-    if ctx.is_main:
-        model.save_pretrained(run_dir)
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    barrier(ctx)
-    return {
-        "warnings": warnings,
-        "run_dir": str(run_dir),
-        "steps": step,
-        "samples": samples_seen,
-        "last": last,
-        "best": best,
-        "precision": precision,
-        "world_size": ctx.world_size,
-        "rank": ctx.rank,
-    }
 
 
 def _save_best(run_dir: Path, model: nn.Module, step: int, scores: dict[str, float]) -> None:
