@@ -36,7 +36,7 @@ def question_answer(answers: Sequence[str]) -> str | None:
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
-def _most_common(counter: Counter) -> str:
+def most_common(counter: Counter) -> str:
     """The most common key; ties broken alphabetically so the baseline is the same on every run."""
     return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
@@ -70,9 +70,9 @@ class QuestionPrior:
         if not n:
             raise ValueError("no training questions with answers to fit the question-only prior on")
         return cls(
-            majority=_most_common(overall),
-            by_question={q: _most_common(c) for q, c in per_q.items()},
-            by_type={t: _most_common(c) for t, c in per_t.items()},
+            majority=most_common(overall),
+            by_question={q: most_common(c) for q, c in per_q.items()},
+            by_type={t: most_common(c) for t, c in per_t.items()},
             num_train_questions=n,
         )
 
