@@ -1,11 +1,11 @@
 """`run_train`: pretraining and fine-tuning of ViLBERT on task shards, on one CPU or many GPUs and nodes.
 
-Read top to bottom: the arguments (TrainArgs, per-task defaults from the task registry,
-`vilbert_core.tasks`), the data (task.json checks, one loader per epoch, skipping to the saved position
-on resume), the model (fresh, from a checkpoint, text stream from BERT), then `Trainer`: set-up, and
-the loop of `step` (gradient accumulation, clipping, warmup + linear decay, NaN stop), `log`,
-`validate` (with a best checkpoint) and `checkpoint` (atomic), and the run folder of
-docs/contracts.md section 6.
+A run is put together from `args.py` (TrainArgs, per-task defaults from the task registry,
+`vilbert_core.tasks`), `data.py` (task.json checks, one loader per epoch, skipping to the saved
+position on resume) and `model_setup.py` (fresh, from a checkpoint, text stream from BERT); this
+module is `Trainer`: set-up, and the loop of `step` (gradient accumulation, clipping, warmup + linear
+decay, NaN stop), `log`, `validate` (with a best checkpoint) and `checkpoint` (atomic), and the run
+folder of docs/contracts.md section 6.
 
 `--batch-size` is the global batch: samples per optimiser step over all ranks and accumulation steps.
 Each rank feeds batch_size / (world_size * grad_accum) samples per forward pass, so the same command
@@ -22,8 +22,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from extract.config import CLS_PROB_DIM
-from extract.devices import autocast, check_precision
+from extract.devices import autocast
 from extract.devices import resolve_precision as _resolve_precision
 from pipelines.fileio import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
-from pipelines.formats.tasks import answers_path, check_task_source, load_task_feature_stats, read_answers
-from pipelines.formats.tasks import read_task_json as _read_task_json
+from pipelines.formats.tasks import check_task_source, read_answers
 from vilbert_core.batches import batch_size_of, batch_to_device
-from vilbert_core.tasks import get_task, tasks
+from vilbert_core.tasks import get_task
 
+# the pieces a run is made of, re-exported: scripts and tests import them from here
+from .args import TrainArgs, TrainingDiverged, TrainingError  # noqa: F401
 from .checkpointing import (
     capture_rng_state,
     latest_checkpoint,
@@ -51,10 +50,20 @@ from .checkpointing import (
     save_checkpoint,
     unwrap,
 )
+from .data import (  # noqa: F401
+    BatchStream,
+    LoaderFactory,
+    answers_file,
+    check_task_json,
+    count_samples,
+    default_loader_factory,
+    load_tokenizer,
+    masking_spec,
+    read_task_json,
+)
 from .distributed import (
     DistContext,
     all_reduce_mean,
-    all_reduce_min,
     all_reduce_sum,
     barrier,
     configure_threads,
@@ -64,404 +73,15 @@ from .distributed import (
 )
 from .memory import return_freed_memory_to_os
 from .metrics_log import MetricsLog, plot_curves
+from .model_setup import (  # noqa: F401
+    build_model,
+    check_model_matches,
+    load_bert_text_stream,
+    resolve_config,
+    training_feature_stats,
+)
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import MaskingSpec, TaskLossModule, validation_scores
-
-
-class TrainingError(RuntimeError):
-    """A problem with the training inputs or run, with a message meant for the user."""
-
-
-class TrainingDiverged(TrainingError):
-    """The loss became NaN or infinite; the message names the last good checkpoint."""
-
-
-@dataclass
-class TrainArgs:
-    """Every option of `vilbert-data train` (None = the task's paper default or automatic)."""
-
-    task: str
-    data: str
-    out: str
-    vocab: str | None = None
-    val: str | None = None
-    config: str = "vilbert-base"
-    init_from: str | None = None
-    init_text_from: str | None = None
-    batch_size: int | None = None
-    grad_accum: int = 1
-    lr: float | None = None
-    bert_lr_mult: float = 0.1
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # < 1: fraction of the total steps; >= 1: a number of steps
-    epochs: float | None = None
-    steps: int | None = None
-    max_text_len: int | None = None  # None: the task's default
-    max_regions: int | None = None
-    # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
-    feature_norm: str | None = None
-    clip_grad: float = 1.0
-    activation_checkpointing: bool = False  # recompute layer activations in backward: memory for compute
-    precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    resume: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    resampled: bool = False  # draw shards with replacement, a fixed number of batches per rank and epoch
-    shuffle_buffer: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    eval_every: int | None = None  # steps; None: at the end of every epoch
-    log_every: int = 1
-    progress: bool = True
-    tensorboard: bool = True
-    threads: int | None = None  # torch intra-op threads; None: OMP_NUM_THREADS, else what the cores allow
-
-    def check_numbers(self) -> None:
-        """Refuse numeric options that would train nonsense (a zero batch, negative steps) instead of using them."""
-        rules = [  # (option, value, allowed, what it must be); None means "the default"
-            ("--batch-size", self.batch_size, lambda v: v >= 1, "at least 1"),
-            ("--grad-accum", self.grad_accum, lambda v: v >= 1, "at least 1"),
-            ("--steps", self.steps, lambda v: v >= 1, "at least 1"),
-            ("--epochs", self.epochs, lambda v: v > 0, "above 0"),
-            ("--lr", self.lr, lambda v: v > 0, "above 0"),
-            ("--bert-lr-mult", self.bert_lr_mult, lambda v: v >= 0, "0 or more"),
-            ("--weight-decay", self.weight_decay, lambda v: v >= 0, "0 or more"),
-            ("--warmup", self.warmup, lambda v: v >= 0, "0 or more"),
-            ("--max-text-len", self.max_text_len, lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
-            ("--max-regions", self.max_regions, lambda v: v >= 1, "at least 1"),
-            ("--clip-grad", self.clip_grad, lambda v: v > 0, "above 0"),
-            ("--num-workers", self.num_workers, lambda v: v >= 0, "0 or more"),
-            ("--shuffle-buffer", self.shuffle_buffer, lambda v: v >= 0, "0 or more"),
-            ("--checkpoint-every", self.checkpoint_every, lambda v: v >= 1, "at least 1"),
-            ("--keep-checkpoints", self.keep_checkpoints, lambda v: v >= 0, "0 (keep all) or more"),
-            ("--eval-every", self.eval_every, lambda v: v >= 1, "at least 1"),
-            ("--log-every", self.log_every, lambda v: v >= 1, "at least 1"),
-            ("--threads", self.threads, lambda v: v >= 1, "at least 1"),
-        ]
-        for option, value, allowed, must in rules:
-            # NaN fails every comparison, so it is refused too
-            if value is not None and not allowed(value):
-                raise TrainingError(f"{option} must be {must}, got {value}")
-
-    def resolved(self) -> TrainArgs:
-        """A copy with the task defaults filled in, checked for consistency."""
-        if self.task not in tasks():
-            raise TrainingError(f"--task {self.task!r} is not one of {', '.join(tasks())}")
-        self.check_numbers()
-        d = get_task(self.task).defaults
-        out = dataclasses.replace(
-            self,
-            batch_size=self.batch_size or d.batch_size,
-            lr=self.lr if self.lr is not None else d.lr,
-            epochs=self.epochs if (self.epochs is not None or self.steps is not None) else d.epochs,
-            max_text_len=self.max_text_len or d.max_text_len,
-            max_regions=self.max_regions or d.max_regions,
-        )
-        if out.feature_norm not in (None, "standardize", "none"):
-            raise TrainingError(f"--feature-norm {out.feature_norm!r} must be standardize or none")
-        try:
-            check_precision(out.precision)
-        except ValueError as err:
-            raise TrainingError(str(err)) from None
-        if out.vocab is None:
-            raise TrainingError("--vocab is required: a vocab.txt or a Hugging Face tokenizer folder")
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- data
-def read_task_json(data: str) -> dict[str, Any] | None:
-    """TASKDIR/task.json beside the shards (None for URL lists without one)."""
-    try:
-        return _read_task_json(data, required=False)
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
-
-
-def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
-    """Fail clearly when the shards were written for another task."""
-    if info is None:
-        return
-    spec = get_task(task)
-    expected = spec.shard_task
-    if info.get("task") != expected:
-        raise TrainingError(
-            f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
-            f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
-        )
-    if spec.data.needs_class_distributions and not (info.get("features") or {}).get("class_distributions", True):
-        # features converted from a release without cls_prob: MRM would learn against zeros
-        raise TrainingError(
-            f"{data}: the region features have no class distributions (converted from a release that lacks "
-            "cls_prob), which masked region modelling is trained against; add them with `vilbert-data convert "
-            "--recompute-classes` (docs/convert.md)"
-        )
-
-
-def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
-    """The VQA answer list beside the shards, if any."""
-    path = answers_path(data, info) if Path(data).is_dir() else None
-    return path if path is not None and path.is_file() else None
-
-
-LoaderFactory = Callable[[str, int, int], Iterable[dict[str, Any]]]  # (source, epoch, per-rank batch)
-
-
-def default_loader_factory(
-    args: TrainArgs, ctx: DistContext, *, train: bool = True, steps_per_epoch: int | None = None,
-    swap_images: bool = False,
-) -> LoaderFactory:  # fmt: skip
-    """Loaders over task shards (pipelines.datasets), split by rank and worker, reshuffled per epoch.
-
-    Training under DDP splits each epoch by records (every record once, equal counts per rank, the last
-    steps padded by repetition); with `resampled`, each rank draws shards with replacement and yields
-    exactly steps_per_epoch x grad_accum batches per epoch. Validation splits by shards (each record
-    scored once, no padding). swap_images (validation): every image's examples get another image's
-    regions, to measure how much the model uses the image.
-    """
-    from pipelines.datasets import make_loader
-
-    resampled = train and args.resampled and steps_per_epoch is not None
-    even_split = train and ctx.distributed and not resampled
-
-    def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
-        """A DataLoader over `source` for one epoch, `batch_size` samples per batch on this rank."""
-        try:
-            loader = make_loader(
-                source,
-                get_task(args.task).shard_task,
-                args.vocab,
-                batch_size=batch_size,
-                max_text_len=args.max_text_len,
-                max_regions=args.max_regions,
-                shuffle_buffer=args.shuffle_buffer if train else 0,
-                seed=args.seed,
-                resampled=resampled,
-                steps=steps_per_epoch * args.grad_accum if resampled else None,
-                num_workers=args.num_workers,
-                swap_images=swap_images,
-                even_split=even_split,
-            )
-        except (FileNotFoundError, ValueError) as err:
-            raise TrainingError(f"{source}: {err}") from None
-        loader.dataset.set_epoch(epoch)
-        return loader
-
-    return factory
-
-
-class BatchStream:
-    """Batches across epochs with a resumable position (epoch, batches taken in that epoch)."""
-
-    def __init__(self, factory: LoaderFactory, source: str, batch_size: int, ctx: DistContext) -> None:
-        self.factory, self.source, self.batch_size, self.ctx = factory, source, batch_size, ctx
-        self.epoch = 0
-        self.in_epoch = 0
-        self._it: Iterator[dict[str, Any]] | None = None
-
-    def seek(self, epoch: int, in_epoch: int) -> None:
-        """Start reading at a saved position: the epoch's loader is rebuilt and `in_epoch` batches skipped."""
-        self.epoch, self.in_epoch = epoch, 0
-        self._it = iter(self.factory(self.source, epoch, self.batch_size))
-        for _ in range(in_epoch):
-            if next(self._it, None) is None:
-                break
-            self.in_epoch += 1
-
-    def next(self) -> dict[str, Any]:
-        """The next batch; when any rank's epoch ends, every rank starts the next epoch together."""
-        for _attempt in range(2):
-            if self._it is None:
-                self._it = iter(self.factory(self.source, self.epoch, self.batch_size))
-            try:
-                batch = next(self._it, None)
-            except FileNotFoundError as err:  # a shard URL that does not exist
-                raise TrainingError(f"{self.source}: {err}") from None
-            if all_reduce_min(self.ctx, 0.0 if batch is None else 1.0) > 0:
-                self.in_epoch += 1
-                return batch
-            if self.in_epoch == 0:
-                break
-            self.epoch, self.in_epoch, self._it = self.epoch + 1, 0, None
-        raise TrainingError(f"{self.source}: the data source yields no training samples (epoch {self.epoch})")
-
-
-# --------------------------------------------------------------------------------------------- model
-def load_tokenizer(vocab: str, max_text_len: int) -> Any:
-    """The WordPiece tokenizer of --vocab (a vocab.txt or a tokenizer folder), with a clear error."""
-    from pipelines.tokenization import TextTokenizer
-
-    try:
-        return TextTokenizer.from_pretrained(vocab, max_len=max_text_len)
-    except (FileNotFoundError, ValueError) as err:
-        raise TrainingError(f"--vocab {vocab}: {err}") from None
-
-
-def masking_spec(tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
-    """MLM masking settings from the tokenizer: [MASK] id, vocabulary size, never-masked ids."""
-    return MaskingSpec.for_tokenizer(tokenizer, generator)
-
-
-def resolve_config(args: TrainArgs, vocab_size: int, feature_dim: int | None) -> Any:
-    """The config of a freshly built model: a preset adapts to the data, a config file must match it."""
-    from vilbert_core import ViLBERTConfig
-
-    if args.config in ("vilbert-base", "tiny"):
-        cfg = ViLBERTConfig.preset(args.config)
-        # a preset built from scratch takes the vocabulary and feature size of the data
-        cfg.vocab_size = vocab_size
-        if feature_dim is not None:
-            cfg.v_feature_size = feature_dim
-        cfg.v_target_size = CLS_PROB_DIM
-        return cfg
-    if not Path(args.config).is_file():
-        raise TrainingError(f"--config {args.config!r} is neither a preset (vilbert-base, tiny) nor a file")
-    try:
-        given = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        cfg = ViLBERTConfig.from_json_file(args.config)
-    except (ValueError, TypeError) as err:
-        raise TrainingError(f"--config {args.config}: not a ViLBERT config.json ({err})") from None
-    cfg.vocab_size = vocab_size
-    # a file that leaves the region feature size out (demo/vilbert_demo_config.json) takes the data's, as presets do
-    if feature_dim is not None and "v_feature_size" not in given:
-        cfg.v_feature_size = feature_dim
-    return cfg
-
-
-def check_model_matches(cfg: Any, vocab_size: int, feature_dim: int | None, where: str, vocab: str) -> None:
-    """Clear errors for a vocabulary or feature size that the model was not built for."""
-    if cfg.vocab_size != vocab_size:
-        raise TrainingError(
-            f"{where} was trained with a vocabulary of {cfg.vocab_size} tokens but --vocab {vocab} has "
-            f"{vocab_size}: pass the vocabulary the checkpoint was trained with"
-        )
-    if feature_dim is not None and cfg.v_feature_size != feature_dim:
-        if where.startswith("--config"):  # a fresh model: the file's number is what to change, not the features
-            hint = (
-                f" Set \"v_feature_size\": {feature_dim} in that file, or leave it out to follow the data."
-            )
-        elif cfg.v_feature_size == 2048:
-            hint = " Released ViLBERT checkpoints expect 2048-d res5 features: extract with --feature-layer res5."
-        else:
-            hint = ""
-        raise TrainingError(
-            f"the region features are {feature_dim}-d but {where} expects v_feature_size="
-            f"{cfg.v_feature_size}.{hint}"
-        )
-
-
-def build_model(
-    args: TrainArgs,
-    vocab_size: int,
-    feature_dim: int | None,
-    num_answers: int | None,
-    resume_dir: Path | None,
-    feature_stats: Any = None,
-) -> tuple[nn.Module, set[str]]:
-    """The model to train and the names of its BERT-initialised parameters (for the lr multiplier).
-
-    feature_stats (pipelines.feature_stats.FeatureStats): what a new model standardises its region
-    features with (needed when it is built with v_feature_norm="standardize", the default).
-    """
-    from vilbert_core import ViLBERTForPretraining, ViLBERTForTasks
-
-    spec = get_task(args.task)
-    tasks_model = spec.model_kind == "tasks"
-    cls = ViLBERTForTasks if tasks_model else ViLBERTForPretraining
-    # A checkpoint keeps its own VQA answer count unless the shards' answers.json gives one: forcing a
-    # count onto a checkpoint whose VQA head has another size would make loading fail on the shape.
-    kwargs: dict[str, Any] = {"num_answers": num_answers} if tasks_model and num_answers is not None else {}
-    if tasks_model:  # a multi-task reference checkpoint holds one answer head per task: take this task's
-        kwargs["reference_answer_head"] = spec.reference_answer_head
-    bert_names: set[str] = set()
-    source = resume_dir or (Path(args.init_from) if args.init_from else None)
-    if source is not None:
-        try:
-            model = cls.from_pretrained(str(source), **kwargs)
-        except (ValueError, FileNotFoundError) as err:  # a refused pickle, missing or mis-shaped tensors
-            raise TrainingError(f"{'--resume' if resume_dir else '--init-from'} {source}: {err}") from None
-        check_model_matches(model.config, vocab_size, feature_dim, f"the checkpoint {source}", args.vocab)
-        if spec.data.needs_class_distributions and model.config.v_target_size != CLS_PROB_DIM:
-            # masked region modelling predicts the detector's class distribution over its 1601 classes
-            raise TrainingError(
-                f"the checkpoint {source} predicts {model.config.v_target_size} region classes but the "
-                f"features' class distributions have {CLS_PROB_DIM} (v_target_size)"
-            )
-        norm = model.config.v_feature_norm
-        if args.feature_norm is not None and args.feature_norm != norm:
-            raise TrainingError(
-                f"--feature-norm {args.feature_norm}: the checkpoint {source} was trained with "
-                f"v_feature_norm={norm!r}, and its weights only fit that input; drop --feature-norm"
-            )
-    else:
-        cfg = resolve_config(args, vocab_size, feature_dim)
-        check_model_matches(cfg, vocab_size, feature_dim, f"--config {args.config}", args.vocab)
-        if tasks_model:
-            cfg.num_answers = num_answers or 1
-        cfg.v_feature_norm = args.feature_norm or "standardize"
-        model = cls(cfg)
-        if cfg.v_feature_norm == "standardize":
-            if feature_stats is None:
-                raise TrainingError("a model that standardises its region features needs their statistics")
-            if feature_stats.feature_dim != cfg.v_feature_size:
-                raise TrainingError(
-                    f"feature statistics of {feature_stats.feature_dim}-d features, the model takes "
-                    f"{cfg.v_feature_size}-d"
-                )
-            model.set_feature_stats(feature_stats.mean, feature_stats.std)
-    if args.init_text_from and resume_dir is None:
-        bert_names = set(load_bert_text_stream(model, args.init_text_from))
-    return model, bert_names
-
-
-def training_feature_stats(
-    args: TrainArgs, factory: LoaderFactory, per_rank: int, ctx: DistContext, max_images: int = 2000
-) -> tuple[Any, str]:
-    """Per-dimension statistics of the training features, and where they came from.
-
-    A TASKDIR written by `shard` carries them (feature_stats.json, over every region of the split).
-    Otherwise (older TASKDIRs, shard URL lists) they are computed from the real regions of the first
-    training batches, about `max_images` examples over all ranks, summed across ranks so every rank
-    gets the same numbers.
-    """
-    from pipelines.feature_stats import RunningFeatureStats
-
-    try:
-        stats = load_task_feature_stats(args.data)
-    except ValueError as err:
-        raise TrainingError(f"--data {args.data}: {err}") from None
-    if stats is not None:
-        return stats, f"{args.data}/feature_stats.json"
-    running = RunningFeatureStats()
-    for batch in factory(args.data, 0, per_rank):
-        feat, mask = batch["image_feat"], batch["image_mask"]
-        feat = feat.reshape(-1, *feat.shape[-2:])[:, 1:]  # (N,R-1,D): candidates folded, [IMG] dropped
-        keep = mask.reshape(-1, mask.shape[-1])[:, 1:] != 0
-        for f, k in zip(feat, keep, strict=True):  # one example's real regions at a time
-            running.add(f[k].double().numpy())
-        if running.images * ctx.world_size >= max_images:
-            break
-    if running.sum is None:
-        raise TrainingError(f"--data {args.data}: no regions to compute the feature statistics from")
-    totals = all_reduce_sum(
-        ctx, torch.from_numpy(np.concatenate([running.sum, running.sumsq, [running.regions, running.images]]))
-    ).numpy()
-    d = running.sum.shape[0]
-    running.sum, running.sumsq = totals[:d], totals[d : 2 * d]
-    running.regions, running.images = int(round(totals[2 * d])), int(round(totals[2 * d + 1]))
-    return running.result(), f"the regions of the first {running.images} training examples (no feature_stats.json)"
-
-
-def load_bert_text_stream(model: nn.Module, bert_dir: str) -> list[str]:
-    """Load a Hugging Face BERT folder into the text stream; returns the loaded parameter names."""
-    from vilbert_core import init_text_from_bert
-
-    try:
-        report = init_text_from_bert(model, bert_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise TrainingError(f"--init-text-from {bert_dir}: {err}") from None
-    names = set(dict(model.named_parameters()))
-    return sorted(n for n in report.loaded if n in names)
+from .tasks import TaskLossModule, validation_scores
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -480,15 +100,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _count_samples(info: dict[str, Any] | None, task: str) -> int | None:
-    """Training examples per epoch from task.json counts (VCR: two stages per question)."""
-    if not info:
-        return None
-    counts = info.get("counts", {})
-    for key in ("samples", "records"):
-        if isinstance(counts.get(key), int):
-            return counts[key] * get_task(task).data.examples_per_record
-    return None
 
 
 def evaluate(
@@ -611,7 +222,7 @@ class Trainer:
                 f"{ctx.world_size} x {args.grad_accum}"
             )
         # total steps: --steps, or epochs x samples per epoch
-        n_samples = _count_samples(info, args.task)
+        n_samples = count_samples(info, args.task)
         if n_samples == 0:
             raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
         self.steps_per_epoch = math.ceil(n_samples / args.batch_size) if n_samples else None

@@ -1,0 +1,167 @@
+"""Training data: task.json checks, the answer list, one loader per epoch split by rank and worker, and a
+stream of batches that resumes at a saved position."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.formats.tasks import answers_path
+from pipelines.formats.tasks import read_task_json as _read_task_json
+from vilbert_core.tasks import get_task
+
+from .args import TrainArgs, TrainingError
+from .distributed import (
+    DistContext,
+    all_reduce_min,
+)
+from .tasks import MaskingSpec
+
+
+# ---------------------------------------------------------------------------------------------- data
+def read_task_json(data: str) -> dict[str, Any] | None:
+    """TASKDIR/task.json beside the shards (None for URL lists without one)."""
+    try:
+        return _read_task_json(data, required=False)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+
+
+def check_task_json(info: dict[str, Any] | None, task: str, data: str) -> None:
+    """Fail clearly when the shards were written for another task."""
+    if info is None:
+        return
+    spec = get_task(task)
+    expected = spec.shard_task
+    if info.get("task") != expected:
+        raise TrainingError(
+            f"{data}: these are task shards of task {info.get('task')!r} but --task {task} needs "
+            f"{expected!r} shards (vilbert-data shard --task {expected} ...)"
+        )
+    if spec.data.needs_class_distributions and not (info.get("features") or {}).get(
+        "class_distributions", True
+    ):
+        # features converted from a release without cls_prob: MRM would learn against zeros
+        raise TrainingError(
+            f"{data}: the region features have no class distributions (converted from a release that lacks "
+            "cls_prob), which masked region modelling is trained against; add them with `vilbert-data convert "
+            "--recompute-classes` (docs/convert.md)"
+        )
+
+
+def answers_file(data: str, info: dict[str, Any] | None) -> Path | None:
+    """The VQA answer list beside the shards, if any."""
+    path = answers_path(data, info) if Path(data).is_dir() else None
+    return path if path is not None and path.is_file() else None
+
+
+LoaderFactory = Callable[[str, int, int], Iterable[dict[str, Any]]]  # (source, epoch, per-rank batch)
+
+
+def default_loader_factory(
+    args: TrainArgs, ctx: DistContext, *, train: bool = True, steps_per_epoch: int | None = None,
+    swap_images: bool = False,
+) -> LoaderFactory:  # fmt: skip
+    """Loaders over task shards (pipelines.datasets), split by rank and worker, reshuffled per epoch.
+
+    Training under DDP splits each epoch by records (every record once, equal counts per rank, the last
+    steps padded by repetition); with `resampled`, each rank draws shards with replacement and yields
+    exactly steps_per_epoch x grad_accum batches per epoch. Validation splits by shards (each record
+    scored once, no padding). swap_images (validation): every image's examples get another image's
+    regions, to measure how much the model uses the image.
+    """
+    from pipelines.datasets import make_loader
+
+    resampled = train and args.resampled and steps_per_epoch is not None
+    even_split = train and ctx.distributed and not resampled
+
+    def factory(source: str, epoch: int, batch_size: int) -> Iterable[dict[str, Any]]:
+        """A DataLoader over `source` for one epoch, `batch_size` samples per batch on this rank."""
+        try:
+            loader = make_loader(
+                source,
+                get_task(args.task).shard_task,
+                args.vocab,
+                batch_size=batch_size,
+                max_text_len=args.max_text_len,
+                max_regions=args.max_regions,
+                shuffle_buffer=args.shuffle_buffer if train else 0,
+                seed=args.seed,
+                resampled=resampled,
+                steps=steps_per_epoch * args.grad_accum if resampled else None,
+                num_workers=args.num_workers,
+                swap_images=swap_images,
+                even_split=even_split,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainingError(f"{source}: {err}") from None
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    return factory
+
+
+class BatchStream:
+    """Batches across epochs with a resumable position (epoch, batches taken in that epoch)."""
+
+    def __init__(self, factory: LoaderFactory, source: str, batch_size: int, ctx: DistContext) -> None:
+        self.factory, self.source, self.batch_size, self.ctx = factory, source, batch_size, ctx
+        self.epoch = 0
+        self.in_epoch = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def seek(self, epoch: int, in_epoch: int) -> None:
+        """Start reading at a saved position: the epoch's loader is rebuilt and `in_epoch` batches skipped."""
+        self.epoch, self.in_epoch = epoch, 0
+        self._it = iter(self.factory(self.source, epoch, self.batch_size))
+        for _ in range(in_epoch):
+            if next(self._it, None) is None:
+                break
+            self.in_epoch += 1
+
+    def next(self) -> dict[str, Any]:
+        """The next batch; when any rank's epoch ends, every rank starts the next epoch together."""
+        for _attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.factory(self.source, self.epoch, self.batch_size))
+            try:
+                batch = next(self._it, None)
+            except FileNotFoundError as err:  # a shard URL that does not exist
+                raise TrainingError(f"{self.source}: {err}") from None
+            if all_reduce_min(self.ctx, 0.0 if batch is None else 1.0) > 0:
+                self.in_epoch += 1
+                return batch
+            if self.in_epoch == 0:
+                break
+            self.epoch, self.in_epoch, self._it = self.epoch + 1, 0, None
+        raise TrainingError(f"{self.source}: the data source yields no training samples (epoch {self.epoch})")
+
+
+# --------------------------------------------------------------------------------------------- model
+def load_tokenizer(vocab: str, max_text_len: int) -> Any:
+    """The WordPiece tokenizer of --vocab (a vocab.txt or a tokenizer folder), with a clear error."""
+    from pipelines.tokenization import TextTokenizer
+
+    try:
+        return TextTokenizer.from_pretrained(vocab, max_len=max_text_len)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainingError(f"--vocab {vocab}: {err}") from None
+
+
+def masking_spec(tokenizer: Any, generator: torch.Generator) -> MaskingSpec:
+    """MLM masking settings from the tokenizer: [MASK] id, vocabulary size, never-masked ids."""
+    return MaskingSpec.for_tokenizer(tokenizer, generator)
+
+
+def count_samples(info: dict[str, Any] | None, task: str) -> int | None:
+    """Training examples per epoch from task.json counts (VCR: two stages per question)."""
+    if not info:
+        return None
+    counts = info.get("counts", {})
+    for key in ("samples", "records"):
+        if isinstance(counts.get(key), int):
+            return counts[key] * get_task(task).data.examples_per_record
+    return None
