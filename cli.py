@@ -459,16 +459,20 @@ def vocab_cmd(
 # COMMAND: train
 @app.command("train")
 def train_cmd(
-    task: str = typer.Option(..., "--task", help=_task_names("vilbert_core.tasks") + "."),
-    data: str = typer.Option(
-        ..., "--data", help="Training TASKDIR written by `shard` (pretrain: captions shards), or shard URLs/brace pattern."
+    task: str = typer.Option(
+        ..., "--task", help=_task_names("vilbert_core.tasks") + "; several, comma-separated: multi-task training."
+    ),
+    data: list[str] = typer.Option(
+        ..., "--data", help="Training TASKDIR written by `shard` (pretrain: captions shards), or shard URLs/brace "
+        "pattern; multi-task: TASK=TASKDIR, once per task.",
     ),
     out: str = typer.Option(..., "--out", help="Run folder RUNDIR (model, checkpoints/, metrics.jsonl, curves.png)."),
     vocab: str = typer.Option(
         ..., "--vocab", help="WordPiece vocab.txt or tokenizer folder (e.g. from `vilbert-data vocab`)."
     ),
-    val: str | None = typer.Option(
-        None, "--val", help="Validation TASKDIR: evaluated each epoch (or --eval-every); best model kept in RUNDIR/best/."
+    val: list[str] | None = typer.Option(
+        None, "--val", help="Validation TASKDIR: evaluated each epoch (or --eval-every); best model kept in RUNDIR/best/; "
+        "multi-task: TASK=TASKDIR.",
     ),
     config: str = typer.Option(
         "vilbert-base", "--config", help="Model config: vilbert-base (the paper), tiny, or a config.json file."
@@ -528,6 +532,21 @@ def train_cmd(
         help="Recompute each layer's activations in backward instead of storing them: less memory for long "
         "sequences or large batches, about a third more compute.",
     ),
+    task_lr: list[str] | None = typer.Option(
+        None, "--task-lr", help=_literal("Multi-task: TASK=LR, a task's peak learning rate [default: the task's paper lr].")
+    ),
+    task_batch_size: list[str] | None = typer.Option(
+        None, "--task-batch-size", help=_literal("Multi-task: TASK=N, a task's global batch [default: --batch-size, else the task's].")
+    ),
+    task_iter_gap: list[str] | None = typer.Option(
+        None, "--task-iter-gap", help=_literal("Multi-task, round-robin: TASK=N trains TASK in every Nth round [default: 1].")
+    ),
+    schedule: str = typer.Option(
+        "round-robin", "--schedule", help="Multi-task: round-robin (task by task) or proportional (to the tasks' examples)."
+    ),
+    task_tokens: bool = typer.Option(
+        False, "--task-tokens", help="Multi-task: a learned task embedding at [CLS] per task (12-in-1's task-specific tokens)."
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Pretrain or fine-tune ViLBERT on task shards, on the CPU or on GPUs (torchrun for several).
@@ -540,8 +559,22 @@ def train_cmd(
     """
     from vilbert_core.training import TrainArgs, TrainingError, run_train
 
+    multi = "," in task
+    try:
+        task_data = _task_values(data, "--data", str) if multi else None
+        task_val = _task_values(val or [], "--val", str) if multi else None
+        per_task = {option: _task_values(values or [], option, kind) for option, values, kind in (
+            ("--task-lr", task_lr, float), ("--task-batch-size", task_batch_size, int),
+            ("--task-iter-gap", task_iter_gap, int))}  # fmt: skip
+    except ValueError as exc:
+        _fail(exc)
+    if not multi and (len(data) != 1 or len(val or []) > 1):
+        _fail(ValueError("--data and --val take one TASKDIR each for one task (several tasks: --task a,b --data a=DIR ...)"))
     args = TrainArgs(
-        task=task, data=data, out=out, vocab=vocab, val=val, config=config, init_from=init_from,
+        task=task, data=data[0], out=out, vocab=vocab, val=(val or [None])[0] if not multi else None, config=config,
+        init_from=init_from, task_data=task_data, task_val=task_val, task_lr=per_task["--task-lr"] or None,
+        task_batch_size=per_task["--task-batch-size"] or None, task_iter_gap=per_task["--task-iter-gap"] or None,
+        schedule=schedule, task_tokens=task_tokens,
         init_text_from=init_text_from, batch_size=batch_size, grad_accum=grad_accum, lr=lr, bert_lr_mult=bert_lr_mult,
         warmup=warmup, epochs=epochs, steps=steps, max_text_len=max_text_len, max_regions=max_regions,
         feature_norm=feature_norm, precision=precision, device=device, resume=resume, seed=seed, num_workers=num_workers, resampled=resampled,
@@ -563,6 +596,21 @@ def train_cmd(
         typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"run folder: {out}")
 
+
+
+def _task_values(items: list[str], option: str, kind: type) -> dict[str, Any]:
+    """TASK=VALUE items of a multi-task option as {task: value}; a ValueError naming the option for a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} {item!r}: expected TASK=VALUE (e.g. vqa=tasks/vqa_train)")
+        try:
+            out[name.strip()] = kind(value)
+        except ValueError:
+            what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+            raise ValueError(f"{option} {item!r}: {value!r} is not {what}") from None
+    return out
 
 
 # ---------------------------------------------------------------- eval, explain (owner: vilbert_core/evaluation)

@@ -89,6 +89,9 @@ class ViLBERTConfig:
     fusion_method: str = "mul"
     # heads and numerics
     num_answers: int = 3129
+    # multi-task training (12-in-1's --task_specific_tokens): the tasks that have a learned task embedding,
+    # added to the [CLS] input embedding of their examples (docs/deviations.md); empty: none
+    task_tokens: list[str] = field(default_factory=list)
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     attn_implementation: str = "sdpa"
@@ -96,6 +99,7 @@ class ViLBERTConfig:
     def __post_init__(self) -> None:
         self.v_biattention_id = [int(i) for i in self.v_biattention_id]
         self.t_biattention_id = [int(i) for i in self.t_biattention_id]
+        self.task_tokens = [str(name) for name in self.task_tokens]
         self.validate()
 
     def validate(self) -> None:
@@ -130,6 +134,8 @@ class ViLBERTConfig:
         for name in ("hidden_act", "v_hidden_act"):
             if getattr(self, name) not in _ACTIVATIONS:
                 problems.append(f"{name} {getattr(self, name)!r} must be one of {_ACTIVATIONS}")
+        if len(set(self.task_tokens)) != len(self.task_tokens):
+            problems.append(f"task_tokens {self.task_tokens} must name each task once")
         if problems:
             raise ValueError("invalid ViLBERTConfig: " + "; ".join(problems))
 

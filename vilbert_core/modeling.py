@@ -103,12 +103,18 @@ class ViLBERTTextEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # multi-task models: one learned embedding per task, added at [CLS] for the active task (set_task)
+        self.task_embeddings = nn.Embedding(len(config.task_tokens), config.hidden_size) if config.task_tokens else None
+        self.active_task: int | None = None
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(B,T) ids -> (B,T,hidden)."""
         positions = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         x = x + self.token_type_embeddings(token_type_ids)
+        if self.task_embeddings is not None and self.active_task is not None:
+            # (hidden,) at position 0 only: every sequence length, mask and cached scoring path stays as it is
+            x = torch.cat([x[:, :1] + self.task_embeddings.weight[self.active_task], x[:, 1:]], dim=1)
         return self.dropout(self.layer_norm(x))
 
 
@@ -655,6 +661,32 @@ class ViLBERTPreTrainedModel(nn.Module):
         with torch.no_grad():
             emb.feature_mean.copy_(mean)
             emb.feature_std.copy_(std)
+
+    def add_task_tokens(self, tasks: list[str]) -> None:
+        """Give the tasks that have none a learned task embedding (new rows: Normal(0, initializer_range))."""
+        embeddings = self.vilbert.embeddings
+        new = [name for name in tasks if name not in self.config.task_tokens]
+        if not new:
+            return
+        weight = torch.empty(len(self.config.task_tokens) + len(new), self.config.hidden_size,
+                             device=embeddings.word_embeddings.weight.device)  # fmt: skip
+        weight.normal_(mean=0.0, std=self.config.initializer_range)
+        if embeddings.task_embeddings is not None:
+            weight[: len(self.config.task_tokens)] = embeddings.task_embeddings.weight.detach()
+        embeddings.task_embeddings = nn.Embedding.from_pretrained(weight, freeze=False)
+        self.config.task_tokens = [*self.config.task_tokens, *new]
+
+    def set_task(self, task: str | None) -> None:
+        """Condition the text stream on `task`'s learned embedding (a model with task_tokens); None: no task token.
+
+        A model without task tokens ignores the call; a task it has no token for is a ValueError.
+        """
+        embeddings = self.vilbert.embeddings
+        if not self.config.task_tokens:
+            return
+        if task is not None and task not in self.config.task_tokens:
+            raise ValueError(f"the model has task tokens for {', '.join(self.config.task_tokens)}, not {task!r}")
+        embeddings.active_task = None if task is None else self.config.task_tokens.index(task)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied ones counted once)."""

@@ -143,6 +143,10 @@ def run_eval(
         else load_model(model, vocab=vocab, answers=answers, device=device, task=task)
     )
     _require_kind(loaded, spec)
+    try:
+        loaded.model.set_task(task)  # a multi-task model with task tokens conditions on the task
+    except ValueError as err:
+        raise EvalError(f"--model {loaded.weights}: {err}") from None
     if loaded.kind != spec.eval_kinds[0]:
         logger.info("%s model: zero-shot %s", loaded.kind, task)
     data_dirs = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]

@@ -198,5 +198,6 @@ def load_model(
         train_task=train_task,
         weights=weights,
         device=dev,
-        train_data=targs.get("data"),
+        # a multi-task run trained each task on its own TASKDIR
+        train_data=(targs.get("task_data") or {}).get(task or "") or targs.get("data"),
     )

@@ -81,7 +81,7 @@ from .model_setup import (  # noqa: F401
     training_feature_stats,
 )
 from .optim import build_optimizer, warmup_linear_schedule
-from .tasks import TaskLossModule, validation_scores
+from .tasks import MaskingSpec, TaskLossModule, validation_scores
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -153,6 +153,10 @@ def run_train(
     args = (args or TrainArgs(**kwargs)).resolved()
     ctx = setup_distributed(args.device)
     try:
+        if args.multi_task:
+            from .multitask import MultiTaskTrainer
+
+            return MultiTaskTrainer(args, ctx, loader_factory).run()
         return Trainer(args, ctx, loader_factory).run()
     except (OSError, SafetensorError, RuntimeError) as err:
         if not is_disk_full(err):
@@ -177,7 +181,8 @@ class Trainer:
     """
 
     def __init__(self, args: TrainArgs, ctx: DistContext, loader_factory: LoaderFactory | None) -> None:
-        self.args, self.ctx, self.spec = args, ctx, get_task(args.task)
+        # a multi-task run (MultiTaskTrainer) takes the model kind and its defaults from its first task
+        self.args, self.ctx, self.spec = args, ctx, get_task(args.task_names[0])
         self.run_dir = Path(args.out)
         self.ckpt_root = self.run_dir / "checkpoints"
         try:
@@ -271,8 +276,9 @@ class Trainer:
 
         _seed_everything(args.seed + ctx.rank)
         self.model, bert_names = build_model(
-            args, self.tokenizer.vocab_size, self.feature_dim, self.num_answers, self.resume_dir, stats
+            self.model_args(), self.tokenizer.vocab_size, self.feature_dim, self.num_answers, self.resume_dir, stats
         )
+        self.prepare_model()
         if self.resumed is not None:
             bert_names = set(self.resumed.get("bert_param_names", []))
         self.bert_names = bert_names
@@ -294,7 +300,7 @@ class Trainer:
         pretraining = self.spec.model_kind == "pretraining"
         masking = masking_spec(self.tokenizer, self.mask_gen) if pretraining else None
         # DDP wraps model + loss: heads another task uses (computed but not in the loss) then count as unused
-        self.train_model: nn.Module = TaskLossModule(self.model, args.task, masking)
+        self.train_model: nn.Module = self.loss_module(masking)
         self.step_count, self.samples_seen = 0, 0
         self.best: dict[str, Any] = {"metric": None, "step": None}
 
@@ -308,7 +314,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.step_count, self.samples_seen = state["step"], state["samples_seen"]
             self.best = state.get("best", self.best)
-            self.stream.seek(state["epoch"], state["in_epoch"])
+            self.restore_streams(state)
             rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
             # after the loader is rebuilt: building it may draw from the global RNG
             restore_rng_state(rng, {"masking": self.mask_gen})
@@ -347,10 +353,55 @@ class Trainer:
             self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"train {args.task}", unit="step",
                             dynamic_ncols=True)  # fmt: skip
         self.last: dict[str, float] = {}
+        self.last_task = self.args.task_names[0]  # the task of the last step (the log names its epoch)
         # the last steps' alignment losses, to warn when pretraining alignment stays at chance
         self.align_window: collections.deque[float] = collections.deque(maxlen=max(10, min(50, self.total_steps // 10)))
         self.last_val: dict[str, float] | None = None
         self.t_last, self.samples_since = time.perf_counter(), 0
+
+    # -------------------------------------------------------------- what a multi-task run changes (multitask.py)
+    def model_args(self) -> TrainArgs:
+        """The arguments the model is built from (a multi-task run: its answer task's, or its first task's)."""
+        return self.args
+
+    def prepare_model(self) -> None:
+        """Changes to the built model before the optimiser sees its parameters (multi-task: task tokens)."""
+
+    def loss_module(self, masking: MaskingSpec | None) -> nn.Module:
+        """The module DDP wraps: the model and its task loss in one forward."""
+        return TaskLossModule(self.model, self.args.task, masking)
+
+    def current_task(self) -> str:
+        """The task the next optimiser step trains."""
+        return self.args.task
+
+    def stream_for(self, task: str) -> BatchStream:
+        """The training batches of a task."""
+        return self.stream
+
+    def forward(self, batch: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch of `task`."""
+        return self.train_model(batch)
+
+    def lr_scale(self, task: str) -> float:
+        """The factor on the schedule's rate for a step of `task` (its lr over the base lr)."""
+        return 1.0
+
+    def record_extra(self) -> dict[str, Any]:
+        """More fields of a training metrics.jsonl line."""
+        return {}
+
+    def restore_streams(self, state: dict[str, Any]) -> None:
+        """Put the batch streams where a checkpoint left them."""
+        self.stream.seek(state["epoch"], state["in_epoch"])
+
+    def extra_state(self) -> dict[str, Any]:
+        """More of the trainer state a checkpoint keeps."""
+        return {}
+
+    def final_warnings(self) -> list[str]:
+        """Warnings about the finished run."""
+        return training_warnings(self.args.task, list(self.align_window), self.last_val)
 
     # -------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -380,7 +431,7 @@ class Trainer:
             if self.log_file is not None:
                 self.log_file.close()
 
-        warnings = training_warnings(args.task, list(self.align_window), self.last_val)
+        warnings = self.final_warnings()
         if ctx.is_main:
             self.model.save_pretrained(self.run_dir)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
@@ -404,15 +455,17 @@ class Trainer:
         over ranks) are in `self.last`.
         """
         args, ctx = self.args, self.ctx
+        task = self.last_task = self.current_task()
+        stream = self.stream_for(task)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(args.grad_accum):
-            batch = batch_to_device(self.stream.next(), ctx.device)
+            batch = batch_to_device(stream.next(), ctx.device)
             sync = micro == args.grad_accum - 1 or not ctx.distributed
             with (
                 contextlib.nullcontext() if sync else self.train_model.no_sync(),
                 autocast(self.precision, ctx.device.type),
             ):
-                losses = self.train_model(batch)
+                losses = self.forward(batch, task)
             self.scaler.scale(losses["loss"] / args.grad_accum).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
@@ -431,11 +484,16 @@ class Trainer:
             )
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        scale = self.lr_scale(task)  # a multi-task step runs at its task's lr; the schedule stays shared
+        for group in self.optimizer.param_groups:
+            group["lr"] *= scale
         self.scaler.step(self.optimizer)
+        for group in self.optimizer.param_groups:
+            group["lr"] /= scale
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # the base rate of --lr: BERT-initialised groups run at bert_lr_mult times it, above or below
-        lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_mult"]
+        lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_mult"] * scale
         self.scheduler.step()
         self.step_count += 1
         return lr, grad_norm
@@ -449,17 +507,19 @@ class Trainer:
             if step % args.log_every == 0 or step == self.total_steps:
                 record = {
                     "step": step,
-                    "epoch": self.stream.epoch,
+                    "epoch": self.stream_for(self.last_task).epoch,
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "samples": self.samples_seen,
                     "samples_per_s": rate,
                 }
                 record.update({("loss" if k == "loss" else f"loss_{k}"): v for k, v in self.last.items()})
+                record.update(self.record_extra())
                 self.log_file.write(record)
             if self.bar is not None:
                 self.bar.set_postfix(
-                    loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", ep=self.stream.epoch
+                    loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}",
+                    ep=self.stream_for(self.last_task).epoch
                 )
                 self.bar.update(1)
         self.t_last, self.samples_since = now, 0
@@ -493,6 +553,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "epoch": self.stream.epoch,
             "in_epoch": self.stream.in_epoch,
+            **self.extra_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
