@@ -89,6 +89,9 @@ class ViLBERTConfig:
     fusion_method: str = "mul"
     # heads and numerics
     num_answers: int = 3129
+    # a second answer classifier for GQA beside vqa_head, as the multi-task reference holds (its
+    # vil_prediction_gqa, 1533 answers); 0: none. Tasks train vqa_head; this keeps a converted model whole.
+    num_gqa_answers: int = 0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     attn_implementation: str = "sdpa"
@@ -123,6 +126,8 @@ class ViLBERTConfig:
                 problems.append(f"{what} = {width}/{heads}: the width must be a multiple of the heads")
         if self.v_feature_norm not in FEATURE_NORMS:
             problems.append(f"v_feature_norm {self.v_feature_norm!r} must be one of {FEATURE_NORMS}")
+        if self.num_gqa_answers < 0:
+            problems.append(f"num_gqa_answers {self.num_gqa_answers} must be >= 0 (0: no GQA head)")
         if self.fusion_method not in ("mul", "sum"):
             problems.append(f"fusion_method {self.fusion_method!r} must be 'mul' or 'sum'")
         if self.attn_implementation not in ("sdpa", "eager"):
