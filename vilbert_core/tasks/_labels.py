@@ -58,22 +58,22 @@ class LabelTask(Task):
 
     # -------------------------------------------------------------- evaluation
     def _pass(self, loaded: Any, data_dir: Path, info: dict, options: EvalOptions,
-              swap_images: bool = False) -> tuple[dict[str, list[float]], dict[str, int]]:  # fmt: skip
+              swap_images: bool = False) -> tuple[dict[Any, list[float]], dict[Any, int]]:  # fmt: skip
         """Class probabilities and labels per example id."""
-        probs: dict[str, list[float]] = {}
-        labels: dict[str, int] = {}
+        probs: dict[Any, list[float]] = {}  # by example id, as the records give it (GuessWhat?!'s are numbers)
+        labels: dict[Any, int] = {}
         desc = f"{self.name}, images shuffled" if swap_images else self.name
         bar = tqdm(total=record_count(info), desc=desc, unit="ex", disable=not options.progress)
         for batch in task_batches(loaded, data_dir, self.shard_task, options.batch_size, 0, options.num_workers,
                                   swap_images):  # fmt: skip
             p = self.logits(loaded.model, batch).float().softmax(-1)
             for key, row, y in zip(batch[self.id_field], p.tolist(), batch["label"].tolist(), strict=True):
-                probs[str(key)], labels[str(key)] = row, y
+                probs[key], labels[key] = row, y
             bar.update(p.shape[0])
         bar.close()
         return probs, labels
 
-    def _scores(self, probs: dict[str, list[float]], labels: dict[str, int], keep: Any = None) -> dict[str, Any]:
+    def _scores(self, probs: dict[Any, list[float]], labels: dict[Any, int], keep: Any = None) -> dict[str, Any]:
         """class_accuracy of the examples in `keep` (all by default), in id order."""
         ids = sorted(k for k in probs if keep is None or k in keep)
         predicted = [max(range(len(self.classes)), key=probs[k].__getitem__) for k in ids]
