@@ -472,7 +472,7 @@ class TaskDataset(IterableDataset):
     def _decoded(self, samples: Iterator[tuple]) -> Iterator[tuple[str, list[dict], Regions]]:
         """(key, records, regions) of each (key, members[, (first, end) record range]) sample, D checked."""
         for key, sample, *part in samples:
-            regions = build_regions(sample, self.max_regions, with_gt=self.spec.with_gt_regions)
+            regions = self.spec.regions(sample, self.max_regions)
             self._check_dim(key, regions)
             records = json.loads(sample["ann.json"])
             if part:

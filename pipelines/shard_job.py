@@ -297,5 +297,6 @@ def _task_sample(
     # what needs the image's regions: RefCOCO IoUs in the records, VCR ground-truth box features
     members.update(spec.sample_members(sample, group, records, context))
     members["ann.json"] = json.dumps(records, ensure_ascii=False).encode()
-    regions = [feats] + ([load_npy(members["gt_features.npy"])] if "gt_features.npy" in members else [])
+    # every region written counts for the statistics: VCR's ground-truth boxes, NLVR2's second image
+    regions = [feats] + [load_npy(members[m]) for m in sorted(members) if m.endswith("_features.npy")]
     return members, {"num_boxes": int(feats.shape[0]), "num_records": len(records)}, regions

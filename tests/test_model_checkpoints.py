@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,10 +17,10 @@ from vilbert_core.convert import normalize_reference_name, reference_to_project
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 KEY_LISTS = {"pretraining": "vilbert_keys_pretraining.txt", "vltasks": "vilbert_keys_vltasks.txt"}
-# reference tensors the loader drops on purpose (vilbert.md: unused q_dense layers, other tasks' heads)
-DOCUMENTED_SKIPS = re.compile(
-    r".*biOutput\.q_dense[12]\..*|vil_prediction_gqa\..*|vil_binary_prediction\..*|vil_tri_prediction\..*|linguisic_logit\..*"
-)
+# reference tensors the loader drops on purpose (vilbert.md: the q_dense layers the reference forward never uses)
+DOCUMENTED_SKIPS = re.compile(r".*biOutput\.q_dense[12]\..*")
+GQA_ANSWERS = 1533  # the multi-task reference's GQA head
+TASK_HEADS = ("vqa_head", "pair_head", "region_head", "binary_head", "tri_head", "token_head")  # gqa_head: optional
 
 
 def _read_key_list(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -43,7 +44,7 @@ def test_reference_key_lists_map_both_ways(which: str) -> None:
     assert len(rows) == {"pretraining": 533, "vltasks": 559}[which]
     model_cls = ViLBERTForPretraining if which == "pretraining" else ViLBERTForTasks
     with torch.device("meta"):  # paper size without allocating 240M parameters
-        model = model_cls(ViLBERTConfig.preset("vilbert-base"))
+        model = model_cls(ViLBERTConfig.preset("vilbert-base", num_gqa_answers=GQA_ANSWERS))
     own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     covered: set[str] = set()
     for key, shape in rows:
@@ -92,7 +93,8 @@ def _tiny_reference_state_dict(cfg: ViLBERTConfig, which: str, seed: int = 0) ->
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in ViLBERTForPretraining(cfg).state_dict().items()}
-        shapes |= {n: tuple(t.shape) for n, t in ViLBERTForTasks(cfg).state_dict().items()}
+        tasks_cfg = dataclasses.replace(cfg, num_gqa_answers=cfg.num_gqa_answers or 5)
+        shapes |= {n: tuple(t.shape) for n, t in ViLBERTForTasks(tasks_cfg).state_dict().items()}
     state = {}
     for key, _paper_shape in _read_key_list(KEY_LISTS[which]):
         m = re.match(r"bert\.encoder\.(layer|v_layer|c_layer)\.(\d+)\.", key)
@@ -107,8 +109,8 @@ def _tiny_reference_state_dict(cfg: ViLBERTConfig, which: str, seed: int = 0) ->
             shape = (sizes["v"], sizes["bi"]) if key.endswith("weight") else (sizes["v"],)
         elif "q_dense2" in key:
             shape = (sizes["t"], sizes["bi"]) if key.endswith("weight") else (sizes["t"],)
-        else:  # other tasks' heads: any shape will do, they are skipped
-            shape = (3, 2) if key.endswith("weight") else (3,)
+        else:
+            raise AssertionError(f"{key} neither maps nor is a q_dense layer")
         scale = 0.3 if not key.endswith("LayerNorm.weight") else 0.1
         offset = 1.0 if key.endswith("LayerNorm.weight") else 0.0
         state[key] = offset + scale * torch.randn(shape, generator=g)
@@ -231,6 +233,14 @@ def _reference_forward(sd: dict, cfg: ViLBERTConfig, inp: dict) -> dict[str, tor
         out["vqa_logits"] = _lin(sd, fc + "3", _ln(sd, fc + "2", _gelu(_lin(sd, fc + "0", pooled))))
         out["pair_logit"] = _lin(sd, "vil_logit", pooled)[:, 0]
         out["region_logits"] = _lin(sd, "vision_logit", img)[..., 0] + v_mask
+        fc = "vil_prediction_gqa.logit_fc."
+        out["gqa_logits"] = _lin(sd, fc + "3", _ln(sd, fc + "2", _gelu(_lin(sd, fc + "0", pooled))))
+        out["tri_logits"] = _lin(sd, "vil_tri_prediction", pooled)
+        out["token_logits"] = _lin(sd, "linguisic_logit", txt)[..., 0] + t_mask
+        if pooled.shape[0] % 2 == 0:  # the reference's NLVR2 head: consecutive rows are one pair's two images
+            two = pooled.reshape(-1, 2 * pooled.shape[1])
+            fc = "vil_binary_prediction.logit_fc."
+            out["binary_logits"] = _lin(sd, fc + "3", _ln(sd, fc + "2", _gelu(_lin(sd, fc + "0", two))))
     return out
 
 
@@ -276,7 +286,7 @@ def test_reference_pretraining_checkpoint_matches_reference_forward(tmp_path: Pa
 
 
 def test_reference_multitask_checkpoint_heads(tmp_path: Path) -> None:
-    """vil_prediction -> VQA, vil_logit -> pair, vision_logit -> regions; other heads reported and skipped."""
+    """Every multi-task head gives the reference's logits: VQA, GQA, pair, regions, three-way, tokens, two-image."""
     cfg = _tiny_cfg()
     sd = _tiny_reference_state_dict(cfg, "vltasks", seed=1)
     sd["bert.embeddings.task_embeddings.weight"] = torch.randn(20, cfg.hidden_size)
@@ -284,12 +294,8 @@ def test_reference_multitask_checkpoint_heads(tmp_path: Path) -> None:
     model, report = ViLBERTForTasks.from_pretrained(
         tmp_path, config=cfg, num_answers=7, output_loading_info=True
     )
-    for key in (
-        "vil_prediction_gqa.logit_fc.3.weight",
-        "linguisic_logit.bias",
-        "bert.embeddings.task_embeddings.weight",
-    ):
-        assert key in report.skipped
+    assert model.config.num_gqa_answers == 5  # the GQA head's size, read from the checkpoint
+    assert "bert.embeddings.task_embeddings.weight" in report.skipped
     assert "not a parameter of ViLBERTForTasks" in report.skipped["cls.predictions.bias"]
     assert report.fresh == []
     inp = _inputs(cfg)
@@ -301,6 +307,19 @@ def test_reference_multitask_checkpoint_heads(tmp_path: Path) -> None:
     keep_v = inp["image_mask"].bool()
     _close(ours.region_logits[keep_v], ref["region_logits"][keep_v], "region_logits")
     assert torch.all(ours.region_logits[~keep_v] == -10000.0)
+    _close(ours.gqa_logits, ref["gqa_logits"], "gqa_logits")
+    _close(ours.tri_logits, ref["tri_logits"], "tri_logits")
+    keep_t = inp["attention_mask"].bool()
+    _close(ours.token_logits[keep_t], ref["token_logits"][keep_t], "token_logits")
+    # the two-image head: sample 0's text with both samples' images, as the reference batches NLVR2
+    pair = {k: inp[k][:1].repeat(2, 1) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    pair |= {k: inp[k] for k in ("image_feat", "image_loc", "image_mask")}
+    with torch.no_grad():
+        binary = model.image_pair_logits(
+            inp["input_ids"][:1], inp["image_feat"][None], inp["image_loc"][None], inp["token_type_ids"][:1],
+            inp["attention_mask"][:1], inp["image_mask"][None],
+        )  # fmt: skip
+    _close(binary, _reference_forward(sd, cfg, pair)["binary_logits"], "binary_logits")
 
 
 def test_gamma_beta_and_module_prefix_load_identically(tmp_path: Path) -> None:
@@ -336,7 +355,7 @@ def test_tasks_from_pretraining_checkpoint_starts_heads_fresh(
         model, report = ViLBERTForTasks.from_pretrained(
             tmp_path, config=cfg, num_answers=9, output_loading_info=True
         )
-    assert sorted({n.split(".")[0] for n in report.fresh}) == ["pair_head", "region_head", "vqa_head"]
+    assert sorted({n.split(".")[0] for n in report.fresh}) == sorted(TASK_HEADS)
     assert "start fresh" in caplog.text
     assert model.vqa_head.classifier.weight.shape == (9, 2 * cfg.bi_hidden_size)
     assert torch.equal(
@@ -381,7 +400,7 @@ def test_cross_class_load_from_project_dir(tmp_path: Path) -> None:
     tasks, report = ViLBERTForTasks.from_pretrained(tmp_path, output_loading_info=True)
     assert report.source_format == "project"
     assert {k.split(".")[0] for k in report.skipped} == {"mlm_head", "mrm_head", "align_head"}
-    assert {k.split(".")[0] for k in report.fresh} == {"vqa_head", "pair_head", "region_head"}
+    assert {k.split(".")[0] for k in report.fresh} == set(TASK_HEADS)
     for name, value in pre.vilbert.state_dict().items():
         assert torch.equal(value, tasks.vilbert.state_dict()[name]), name
 

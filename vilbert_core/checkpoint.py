@@ -127,7 +127,12 @@ def load_pretrained(
     arguments override config fields. Returns the model in eval mode, or (model, LoadReport) when
     output_loading_info is true.
     """
-    from .convert import convert_reference_state_dict, is_project_state_dict, strip_wrapper_prefixes
+    from .convert import (
+        convert_reference_state_dict,
+        is_project_state_dict,
+        reference_head_sizes,
+        strip_wrapper_prefixes,
+    )
 
     weights, config_file = resolve_checkpoint(Path(path))
     if config is None:
@@ -142,12 +147,16 @@ def load_pretrained(
             config = ViLBERTConfig.preset("vilbert-base")
     if num_answers is not None:
         config_overrides["num_answers"] = num_answers
+    raw = read_state_dict(weights)
+    reference = not is_project_state_dict(raw)
+    if reference and "gqa_head." in cls._head_prefixes and not config.num_gqa_answers:
+        # the multi-task reference's second answer head gets a home, so that no tensor of it is dropped
+        config_overrides = {**reference_head_sizes(raw, reference_answer_head), **config_overrides}
     # a copy even without overrides: the model must never share a caller's config object
     config = dataclasses.replace(config, **config_overrides)
 
     model = cls(config)
-    raw = read_state_dict(weights)
-    if is_project_state_dict(raw):
+    if not reference:
         # DistributedDataParallel / torch.compile wrappers prefix every name; the names below are ours
         origin = {strip_wrapper_prefixes(k): k for k in raw}
         state = {name: raw[k] for name, k in origin.items()}

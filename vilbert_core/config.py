@@ -92,6 +92,9 @@ class ViLBERTConfig:
     # multi-task training (12-in-1's --task_specific_tokens): the tasks that have a learned task embedding,
     # added to the [CLS] input embedding of their examples (docs/deviations.md); empty: none
     task_tokens: list[str] = field(default_factory=list)
+    # a second answer classifier for GQA beside vqa_head, as the multi-task reference holds (its
+    # vil_prediction_gqa, 1533 answers); 0: none. Tasks train vqa_head; this keeps a converted model whole.
+    num_gqa_answers: int = 0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     attn_implementation: str = "sdpa"
@@ -127,6 +130,8 @@ class ViLBERTConfig:
                 problems.append(f"{what} = {width}/{heads}: the width must be a multiple of the heads")
         if self.v_feature_norm not in FEATURE_NORMS:
             problems.append(f"v_feature_norm {self.v_feature_norm!r} must be one of {FEATURE_NORMS}")
+        if self.num_gqa_answers < 0:
+            problems.append(f"num_gqa_answers {self.num_gqa_answers} must be >= 0 (0: no GQA head)")
         if self.fusion_method not in ("mul", "sum"):
             problems.append(f"fusion_method {self.fusion_method!r} must be 'mul' or 'sum'")
         if self.attn_implementation not in ("sdpa", "eager"):

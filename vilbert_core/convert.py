@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor
 
 
@@ -75,6 +76,14 @@ _RULES: list[tuple[str, str]] = [
     (r"vil_prediction\.logit_fc\.3\.(weight|bias)", r"vqa_head.classifier.\1"),
     (r"vil_logit\.(weight|bias)", r"pair_head.\1"),
     (r"vision_logit\.(weight|bias)", r"region_head.\1"),
+    (r"vil_prediction_gqa\.logit_fc\.0\.(weight|bias)", r"gqa_head.dense.\1"),
+    (r"vil_prediction_gqa\.logit_fc\.2\.(weight|bias)", r"gqa_head.layer_norm.\1"),
+    (r"vil_prediction_gqa\.logit_fc\.3\.(weight|bias)", r"gqa_head.classifier.\1"),
+    (r"vil_binary_prediction\.logit_fc\.0\.(weight|bias)", r"binary_head.dense.\1"),
+    (r"vil_binary_prediction\.logit_fc\.2\.(weight|bias)", r"binary_head.layer_norm.\1"),
+    (r"vil_binary_prediction\.logit_fc\.3\.(weight|bias)", r"binary_head.classifier.\1"),
+    (r"vil_tri_prediction\.(weight|bias)", r"tri_head.\1"),
+    (r"linguisic_logit\.(weight|bias)", r"token_head.\1"),
 ]
 _COMPILED = [(re.compile(pattern), template) for pattern, template in _RULES]
 
@@ -85,10 +94,6 @@ _SKIPS: list[tuple[str, str]] = [
         "unused by the reference forward pass",
     ),
     (r"bert\.embeddings\.task_embeddings\.weight", "task-token embeddings of the multi-task model"),
-    (r"vil_prediction_gqa\..*", "GQA head of the multi-task model"),
-    (r"vil_binary_prediction\..*", "NLVR2 head of the multi-task model"),
-    (r"vil_tri_prediction\..*", "visual entailment head of the multi-task model"),
-    (r"linguisic_logit\..*", "text-only head of the multi-task model"),
     (r"bert\.embeddings\.position_ids", "buffer, recomputed by the model"),
 ]
 _COMPILED_SKIPS = [(re.compile(pattern), reason) for pattern, reason in _SKIPS]
@@ -177,6 +182,84 @@ def convert_reference_state_dict(
         converted[ours] = tensor
         origin[ours] = raw_name
     return converted, skipped, origin
+
+
+def reference_head_sizes(state: dict[str, Tensor], answer_head: str = "vil_prediction") -> dict[str, int]:
+    """Config fields that a reference state dict's optional heads need: num_gqa_answers when its GQA head has a home.
+
+    With answer_head vil_prediction_gqa that head becomes vqa_head instead, and the model needs no second one.
+    """
+    for raw_name, tensor in state.items():
+        if answer_head != "vil_prediction_gqa" and normalize_reference_name(raw_name) == "vil_prediction_gqa.logit_fc.3.weight":
+            return {"num_gqa_answers": int(tensor.shape[0])}
+    return {}
+
+
+# ----------------------------------------------------------------------------- back to reference names
+_CAPTURE = re.compile(r"\((?!\?)([^()]*)\)")  # a capture group (the rules nest none)
+_OPTIONAL = re.compile(r"\(\?:[^()]*\)\?")  # an optional non-capturing part: left out going back
+
+
+def _inverted(pattern: str, template: str) -> tuple[re.Pattern[str], str]:
+    """The reverse of one rule: (regex over our names, reference name template).
+
+    The template's \\N become the pattern's groups; the pattern's groups become back-references to them.
+    """
+    groups = _CAPTURE.findall(pattern)
+    order: list[int] = []  # pattern group numbers in the order the template uses them
+    pieces = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+    reverse = ""
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            order.append(int(piece))
+            reverse += f"({groups[int(piece) - 1]})"
+        else:
+            reverse += re.escape(piece)
+    count = iter(range(1, len(groups) + 1))
+    # \g<N>: a group followed by a digit (biattention.query1) must not read as group 21
+    back = _CAPTURE.sub(lambda _m: f"\\g<{order.index(next(count)) + 1}>", _OPTIONAL.sub("", pattern))
+    return re.compile(reverse), back.replace("\\.", ".")
+
+
+_REVERSED = [_inverted(pattern, template) for pattern, template in _RULES]
+
+
+def project_to_reference(name: str, answer_head: str = "vil_prediction") -> str | None:
+    """The reference name of one of our parameters (None for ours alone: feature statistics, ...).
+
+    answer_head: the reference answer head that vqa_head was read from (and is written back to).
+    """
+    for pattern, template in _REVERSED:
+        match = pattern.fullmatch(name)
+        if match:
+            ref = match.expand(template)
+            if answer_head != "vil_prediction" and ref.startswith("vil_prediction."):
+                ref = answer_head + ref[len("vil_prediction") :]
+            return ref
+    return None
+
+
+def convert_project_state_dict(
+    state: dict[str, Tensor], answer_head: str = "vil_prediction"
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Our state dict under reference names; returns (tensors, our names with no reference name).
+
+    The one-logit alignment head goes back as two logits [w, 0]: softmax index 0 is then sigmoid(w x + b),
+    the same probability.
+    """
+    if answer_head not in ANSWER_HEADS:
+        raise ValueError(f"answer_head must be one of {', '.join(ANSWER_HEADS)}, got {answer_head!r}")
+    out: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for name, tensor in state.items():
+        ref = project_to_reference(strip_wrapper_prefixes(name), answer_head)
+        if ref is None:
+            unmapped.append(name)
+            continue
+        if ref in _ALIGN_KEYS:
+            tensor = torch.cat([tensor, torch.zeros_like(tensor)])
+        out[ref] = tensor
+    return out, unmapped
 
 
 def convert_bert_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -369,6 +369,9 @@ class ViLBERTTaskOutput(ViLBERTModelOutput):
     vqa_logits: Tensor  # (B,num_answers)
     pair_logit: Tensor  # (B,) one score per image-text pair (VCR, retrieval)
     region_logits: Tensor  # (B,R) referring expressions; padded regions get -10000
+    tri_logits: Tensor | None = None  # (B,3) three-way classes (SNLI-VE, GuessWhat?! answers)
+    token_logits: Tensor | None = None  # (B,T) one score per token (the reference's linguisic_logit); padding -10000
+    gqa_logits: Tensor | None = None  # (B,num_gqa_answers) when the model has a GQA head
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -585,20 +588,31 @@ class ViLBERTPredictionHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
-class ViLBERTVQAHead(nn.Module):
+class ViLBERTClassifierHead(nn.Module):
+    """The reference's SimpleClassifier: Linear(in -> 2 bi), GELU, LayerNorm, Linear(-> classes).
+
+    The answer heads take one fused vector (in = bi); the two-image (NLVR2) head takes two, concatenated
+    (in = 2 bi).
+    """
+
+    def __init__(self, config: ViLBERTConfig, num_classes: int, inputs: int = 1) -> None:
+        super().__init__()
+        width = 2 * config.bi_hidden_size
+        self.dense = nn.Linear(inputs * config.bi_hidden_size, width)
+        self.act = nn.GELU()
+        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """(B,inputs*bi_hidden) -> (B,num_classes)."""
+        return self.classifier(self.layer_norm(self.act(self.dense(pooled))))
+
+
+class ViLBERTVQAHead(ViLBERTClassifierHead):
     """VQA classifier: Linear(bi -> 2 bi), GELU, LayerNorm, Linear(-> num_answers)."""
 
     def __init__(self, config: ViLBERTConfig) -> None:
-        super().__init__()
-        width = 2 * config.bi_hidden_size
-        self.dense = nn.Linear(config.bi_hidden_size, width)
-        self.act = nn.GELU()
-        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.classifier = nn.Linear(width, config.num_answers)
-
-    def forward(self, pooled: Tensor) -> Tensor:
-        """(B,bi_hidden) -> (B,num_answers)."""
-        return self.classifier(self.layer_norm(self.act(self.dense(pooled))))
+        super().__init__(config, config.num_answers)
 
 
 # ----------------------------------------------------------------------------- public models
@@ -785,15 +799,27 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
 
 
 class ViLBERTForTasks(ViLBERTPreTrainedModel):
-    """ViLBERT with the fine-tuning heads: VQA classifier, pair score (VCR, retrieval), region score."""
+    """ViLBERT with the fine-tuning heads of the multi-task reference.
 
-    _head_prefixes = ("vqa_head.", "pair_head.", "region_head.")
+    vqa_head: answer classifier (VQA, GQA); pair_head: one score per pair (VCR, retrieval); region_head:
+    one score per region (RefCOCO); binary_head: two classes from two images' fused vectors (NLVR2,
+    `image_pair_logits`); tri_head: three classes (SNLI-VE, GuessWhat?!); token_head: one score per token
+    (unused by any task here; kept so that a converted checkpoint loads whole); gqa_head (only with
+    config.num_gqa_answers > 0): a second answer classifier holding the reference's GQA head.
+    """
+
+    _head_prefixes = ("vqa_head.", "pair_head.", "region_head.", "binary_head.", "tri_head.", "token_head.",
+                      "gqa_head.")  # fmt: skip
 
     def __init__(self, config: ViLBERTConfig) -> None:
         super().__init__(config)
         self.vqa_head = ViLBERTVQAHead(config)
         self.pair_head = nn.Linear(config.bi_hidden_size, 1)
         self.region_head = nn.Linear(config.v_hidden_size, 1)
+        self.binary_head = ViLBERTClassifierHead(config, 2, inputs=2)
+        self.tri_head = nn.Linear(config.bi_hidden_size, 3)
+        self.token_head = nn.Linear(config.hidden_size, 1)
+        self.gqa_head = ViLBERTClassifierHead(config, config.num_gqa_answers) if config.num_gqa_answers else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.post_init()
 
@@ -812,7 +838,7 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
         image_mask: Tensor | None = None,
         output_attentions: bool = False,
     ) -> ViLBERTTaskOutput:
-        """Backbone plus VQA (B,A), pair (B,) and per-region (B,R) logits."""
+        """Backbone plus VQA (B,A), pair (B,), per-region (B,R), three-way (B,3), per-token (B,T) (and GQA) logits."""
         base = self.vilbert(
             input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, output_attentions
         )
@@ -821,12 +847,38 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
         if image_mask is not None:
             # padded regions can never be the answer; -10000 as in the reference keeps BCE finite
             region_logits = region_logits.masked_fill(image_mask == 0, -10000.0)
+        token_logits = self.token_head(self.dropout(base.text_hidden)).squeeze(-1)  # (B,T)
+        if attention_mask is not None:
+            token_logits = token_logits.masked_fill(attention_mask == 0, -10000.0)
         return ViLBERTTaskOutput(
             **_fields(base),
             vqa_logits=self.vqa_head(pooled),
             pair_logit=self.pair_head(pooled).squeeze(-1),
             region_logits=region_logits,
+            tri_logits=self.tri_head(pooled),
+            token_logits=token_logits,
+            gqa_logits=None if self.gqa_head is None else self.gqa_head(pooled),
         )
+
+    def image_pair_logits(
+        self,
+        input_ids: Tensor,
+        image_feat: Tensor,
+        image_loc: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+    ) -> Tensor:
+        """(B,2) two-image logits (NLVR2): the text (B,T) with each of its two images (B,2,R,...).
+
+        As the reference: the text runs once with each image, and the binary head reads the two fused
+        vectors concatenated, first image's first.
+        """
+        b = input_ids.shape[0]
+        twice = [None if x is None else x.repeat_interleave(2, dim=0) for x in (input_ids, token_type_ids, attention_mask)]
+        images = [None if x is None else x.flatten(0, 1) for x in (image_feat, image_loc, image_mask)]
+        base = self.vilbert(twice[0], images[0], images[1], twice[1], twice[2], images[2])
+        return self.binary_head(self.dropout(base.pooled).reshape(b, -1))
 
     def score_pairs(
         self, text: Tensor, image: Tensor, attention_mask: Tensor | None = None, image_mask: Tensor | None = None

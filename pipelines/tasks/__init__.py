@@ -70,6 +70,12 @@ class DataTask:
         return {}, []
 
     # -------------------------------------------------------------- datasets
+    def regions(self, sample: dict[str, bytes], max_regions: int) -> Any:
+        """The Regions of a task sample (NLVR2: with its second image's); see pipelines.datasets.build_regions."""
+        from pipelines.datasets import build_regions
+
+        return build_regions(sample, max_regions, with_gt=self.with_gt_regions)
+
     def examples(self, ds: Any, items: Iterator[tuple[str, list[dict], Any]], rng: random.Random) -> Iterator[dict]:
         """Examples of a stream of (image id, records, Regions) for `ds` (a TaskDataset: tokenizer, options)."""
         raise NotImplementedError
