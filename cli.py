@@ -388,14 +388,16 @@ def shard_cmd(
         help="Tasks with an answer list: keep answers of at least this many questions (9 gives 3129 on VQA v2).",
     ),
     images: str | None = typer.Option(
-        None, "--images", help="vcr: the vcr1images folder (images + metadata)."
+        None, "--images", help="vcr: the vcr1images folder (images + metadata); visual7w_pointing, guesswhat_pointing: "
+        "the images, for the candidate boxes."
     ),
     weights: str | None = typer.Option(
         None,
         "--weights",
-        help="vcr: detector checkpoint for the ground-truth boxes (omitted: RANDOM weights).",
+        help="vcr, visual7w_pointing, guesswhat_pointing: detector checkpoint for the given boxes (omitted: RANDOM "
+        "weights).",
     ),
-    device: str = typer.Option("auto", "--device", help="vcr: detector device, auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="vcr, *_pointing: detector device, auto, cpu or cuda."),
     progress: bool = _PROGRESS,
 ) -> None:
     """Join region features with a task's annotations into task shards (one sample per image).
