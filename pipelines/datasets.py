@@ -347,8 +347,12 @@ class TaskDataset(IterableDataset):
         drop_last: bool = False,
         swap_images: bool = False,
         even_split: bool = False,
+        keep: dict[str, Any] | None = None,
     ) -> None:
         self.spec = data_task(task)  # ValueError naming the tasks for an unknown one
+        # only the examples whose fields have these values (a training task that reads part of a shard
+        # task's examples: VCR's Q->A or QA->R stage alone)
+        self.keep = dict(keep or {})
         if swap_images and self.spec.swap is None:
             swappable = [name for name, t in data_tasks().items() if t.swap]
             raise ValueError(f"swap_images is defined for {', '.join(swappable)}, not {task!r}")
@@ -463,7 +467,10 @@ class TaskDataset(IterableDataset):
         items = self._decoded(samples)
         if self.swap_images:
             items = swap_regions(items, features_only=self.spec.swap == "features")
-        yield from self.spec.examples(self, items, rng)
+        examples = self.spec.examples(self, items, rng)
+        if self.keep:
+            examples = (ex for ex in examples if all(ex.get(k) == v for k, v in self.keep.items()))
+        yield from examples
 
     def images(self) -> Iterator[tuple[str, list[dict], Regions]]:
         """(key, records, regions) of every image in shard order, in this process, D checked (whole-set evaluation)."""

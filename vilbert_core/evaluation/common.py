@@ -19,13 +19,14 @@ VISION_DROP_MIN = 1.0
 
 def task_batches(
     loaded: LoadedModel, data_dir: Path, shard_task: str, batch_size: int, seed: int, num_workers: int = 0,
-    swap_images: bool = False,
+    swap_images: bool = False, keep: dict[str, Any] | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Padded batches of a TASKDIR (no shuffle buffer, no resampling; workers split the shards).
 
     Results are keyed by question / annotation / ref ids, so the order across workers does not matter;
     pretraining negatives depend on the worker count (seeded per worker), so keep it fixed to compare runs.
     swap_images: every image's records get another image's regions (pipelines.datasets.swap_regions).
+    keep: only the examples whose fields have these values (pipelines.datasets.TaskDataset).
     """
     from torch.utils.data import DataLoader
 
@@ -45,6 +46,7 @@ def task_batches(
         num_answers=len(loaded.answers) if answers else None,
         feature_dim=loaded.feature_dim,
         swap_images=swap_images,
+        keep=keep,
     )
     source = ds if num_workers == 0 else DataLoader(ds, batch_size=None, num_workers=num_workers)
     for batch in source:

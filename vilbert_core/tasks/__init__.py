@@ -68,6 +68,10 @@ class Task:
     reference_answer_head: str = "vil_prediction"
     explain_head: str = "pair"  # what `explain --head auto` reports: align, vqa, refer or pair
     writes_predictions: bool = True  # eval writes <task>_predictions_<split>.json
+    # a task that trains on part of its shard task's examples: the field values they must have
+    # (VCR's stages as two tasks, as the multi-task reference); the examples per record then
+    keep_examples: dict[str, Any] | None = None
+    examples_per_record: int | None = None
 
     @property
     def data(self) -> DataTask:

@@ -124,4 +124,62 @@ class VCRTask(Task):
         return [plot_accuracy_bars(values, out / f"accuracy_{file_safe(split)}.png", f"VCR ({split})").name]
 
 
+class VCRStageTask(VCRTask):
+    """One VCR stage as a task of its own (the multi-task reference's VCR_Q-A and VCR_QA-R): the same
+    shards and pair head, only that stage's examples."""
+
+    stage = "q_a"
+    stage_title = "Q->A"
+
+    def __init__(self) -> None:
+        self.keep_examples = {"vcr_stage": self.stage}
+        self.examples_per_record = 1
+
+    @torch.inference_mode()
+    def evaluate(
+        self, loaded: Any, data_dir: Path, info: dict, options: EvalOptions, setup: Any
+    ) -> tuple[dict, Any]:
+        """The stage's accuracy beside chance (25) and with shuffled images; choice probabilities per annotation."""
+
+        def scored(swap: bool) -> tuple[dict[str, list[float]], dict[str, int]]:
+            probs, labels = {}, {}
+            batches = task_batches(loaded, data_dir, "vcr", options.batch_size, 0, options.num_workers, swap,
+                                   keep=self.keep_examples)  # fmt: skip
+            for batch in batches:
+                p = vcr_pair_logits(loaded.model, batch).float().softmax(-1)  # (B,4)
+                for aid, row, lab in zip(batch["annot_id"], p.tolist(), batch["label"].tolist(), strict=True):
+                    probs[aid], labels[aid] = row, lab
+            return probs, labels
+
+        def accuracy(probs: dict, labels: dict, keep: set[str] | None = None) -> dict[str, float] | None:
+            ids = [a for a in sorted(probs) if labels[a] >= 0 and (keep is None or a in keep)]
+            if not ids:
+                return None
+            return {"accuracy": 100.0 * sum(_argmax(probs[a]) == labels[a] for a in ids) / len(ids), "num_scored": len(ids)}
+
+        probs, labels = scored(False)
+        if not probs:
+            raise EvalError(f"--data {data_dir}: no VCR {self.stage_title} examples")
+        metrics: dict[str, Any] = {"num_questions": len(probs)}
+        scores = accuracy(probs, labels)
+        predictions = {aid: {f"{self.stage}_probs": row} for aid, row in sorted(probs.items())}
+        if scores is None:  # a test split: no labels
+            return metrics, predictions
+        metrics.update({"accuracy": scores["accuracy"], "num_scored": scores["num_scored"],
+                        "baselines": {"chance": {"accuracy": vcr_chance()[self.stage]}}})  # fmt: skip
+        warnings: list[str] = []
+        if options.vision_check:
+            s_probs, s_labels = scored(True)
+            shuffled = accuracy(s_probs, s_labels)
+            same = scores if shuffled is None or shuffled["num_scored"] == scores["num_scored"] else accuracy(
+                probs, labels, set(s_probs))  # fmt: skip
+            warnings = shuffle_drop(metrics, shuffled, "accuracy", same["accuracy"])
+        metrics["warnings"] = warnings
+        return metrics, predictions
+
+    def plots(self, split: str, metrics: dict, extra: Any, out: Path) -> list[str]:
+        """No plot: one number."""
+        return []
+
+
 TASK = VCRTask()

@@ -95,6 +95,7 @@ def default_loader_factory(
                 num_workers=args.num_workers,
                 swap_images=swap_images,
                 even_split=even_split,
+                keep=get_task(args.task).keep_examples,
             )
         except (FileNotFoundError, ValueError) as err:
             raise TrainingError(f"{source}: {err}") from None
@@ -163,5 +164,7 @@ def count_samples(info: dict[str, Any] | None, task: str) -> int | None:
     counts = info.get("counts", {})
     for key in ("samples", "records"):
         if isinstance(counts.get(key), int):
-            return counts[key] * get_task(task).data.examples_per_record
+            spec = get_task(task)
+            per_record = spec.examples_per_record or spec.data.examples_per_record
+            return counts[key] * per_record
     return None
