@@ -285,3 +285,19 @@ def test_cli_multi_task_options(data: dict[str, Path], tmp_path: Path) -> None:
     targs = json.loads((tmp_path / "run" / "train_args.json").read_text())
     assert targs["task_lr"] == {"vqa": 4e-5, "refcoco": 1e-4} and targs["task_tokens"] is True
     assert [r["task"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == ["vqa", "refcoco"]
+
+
+def test_curves_name_each_tasks_validation() -> None:
+    from vilbert_core.training.metrics_log import curve_series
+
+    records = [
+        {"step": 1, "split": "train", "task": "vqa", "loss": 2.0, "loss_vqa": 2.0, "lr": 1e-4, "grad_norm": 1.0},
+        {"step": 2, "split": "train", "task": "refcoco", "loss": 1.0, "loss_refcoco": 1.0, "lr": 1e-4, "grad_norm": 1.0},
+        {"step": 2, "split": "val", "task": "vqa", "vqa_score": 0.5, "samples": 8},
+        {"step": 2, "split": "val", "task": "refcoco", "accuracy": 0.25, "samples": 8},
+        {"step": 2, "split": "val", "task": "mean", "mean_score": 0.375},
+    ]
+    panels = curve_series(records)
+    assert panels["validation"] == {"mean mean_score": [(2, 0.375)], "refcoco accuracy": [(2, 0.25)],
+                                    "vqa vqa_score": [(2, 0.5)]}  # fmt: skip
+    assert set(panels["loss"]) == {"loss", "loss_vqa", "loss_refcoco"}

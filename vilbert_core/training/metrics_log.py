@@ -97,9 +97,13 @@ def curve_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tupl
     }  # fmt: skip
     for key in sorted({k for r in train for k in r if k == "loss" or k.startswith("loss_")}):
         panels["loss"][key] = _points(train, key)
-    for key in sorted({k for r in val for k in r if k not in _VAL_BOOKKEEPING}):
-        panel, label = ("loss", f"val {key}") if key.startswith("loss") else ("validation", key)
-        panels[panel][label] = _points(val, key)
+    # a multi-task run validates each task apart: its curves are named by the task
+    for task in sorted({r.get("task", "") for r in val}):
+        mine = [r for r in val if r.get("task", "") == task]
+        prefix = f"{task} " if task else ""
+        for key in sorted({k for r in mine for k in r if k not in _VAL_BOOKKEEPING and k != "task"}):
+            panel, label = ("loss", f"val {prefix}{key}") if key.startswith("loss") else ("validation", prefix + key)
+            panels[panel][label] = _points(mine, key)
     panels["learning rate"]["lr"] = _points(train, "lr")
     panels["gradient norm"]["grad_norm"] = _points(train, "grad_norm")
     return {name: {k: v for k, v in curves.items() if v} for name, curves in panels.items()}
