@@ -28,7 +28,7 @@ from pipelines.formats.tasks import read_task_json
 from vilbert_core.tasks import EvalOptions, Task, get_task, tasks
 from vilbert_core.tasks.vqa import vqa_comparison  # noqa: F401  (the demo's summary reads it from here)
 
-from .common import file_safe, fmt
+from .common import fmt
 from .loading import EvalError, LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -172,10 +172,7 @@ def run_eval(
         results[split] = metrics
         for warning in metrics.get("warnings", []):
             logger.warning("%s (%s): %s", task, split, warning)
-        if spec.writes_predictions:
-            name = f"{task}_predictions_{file_safe(split)}.json"
-            atomic_write_json(out / name, extra, sort_keys=False)
-            files.append(name)
+        files += spec.write_predictions(split, extra, out)
         files += spec.plots(split, metrics, extra, out)
 
     files += spec.finish(results, out)  # e.g. RefCOCO's split "all" and its accuracy by split

@@ -102,6 +102,17 @@ class Task:
         """Task-specific Markdown lines of one split, and the groups left for the generic tables."""
         return [], {k: v for k, v in metrics.items() if isinstance(v, dict)}
 
+    def write_predictions(self, split: str, extra: Any, out: Path) -> list[str]:
+        """One split's prediction files in `out` (<task>_predictions_<split>.json, when the task writes one); their names."""
+        if not self.writes_predictions:
+            return []
+        from pipelines.fileio import atomic_write_json
+        from vilbert_core.evaluation.common import file_safe
+
+        name = f"{self.name}_predictions_{file_safe(split)}.json"
+        atomic_write_json(out / name, extra, sort_keys=False)
+        return [name]
+
     def plots(self, split: str, metrics: dict, extra: Any, out: Path) -> list[str]:
         """Plots of one split written into `out`; their file names."""
         return []

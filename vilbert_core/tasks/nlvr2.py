@@ -40,11 +40,13 @@ class NLVR2Task(LabelTask):
         """(B,2) two-image logits: the text (B,T) with both images (B,2,R,...)."""
         return model.image_pair_logits(**{k: batch[k] for k in MODEL_KEYS})
 
-    def plots(self, split: str, metrics: dict, extra: Any, out: Path) -> list[str]:
-        """No plots: the leaderboard CSV of the split's predictions."""
-        path = out / f"nlvr2_predictions_{file_safe(split)}.csv"
-        path.write_text(leaderboard_csv(extra), encoding="utf-8")
-        return [path.name]
+    def write_predictions(self, split: str, extra: Any, out: Path) -> list[str]:
+        """The JSON predictions and the leaderboard's CSV (`identifier,True|False`)."""
+        from pipelines.fileio import atomic_write_bytes
+
+        name = f"nlvr2_predictions_{file_safe(split)}.csv"
+        atomic_write_bytes(out / name, leaderboard_csv(extra).encode("utf-8"))
+        return [*super().write_predictions(split, extra, out), name]
 
 
 TASK = NLVR2Task()
