@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,7 @@ def question_answer(answers: Sequence[str]) -> str | None:
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
-def most_common(counter: Counter) -> str:
+def _most_common(counter: Counter) -> str:
     """The most common key; ties broken alphabetically so the baseline is the same on every run."""
     return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
@@ -51,14 +51,20 @@ class QuestionPrior:
     num_train_questions: int = 0
 
     @classmethod
-    def fit(cls, records: Iterable[Mapping]) -> QuestionPrior:
-        """Count training VQA records ({"question", "answers", "question_type"?}); one vote per question."""
+    def fit(
+        cls, records: Iterable[Mapping], answer_of: Callable[[Sequence[str]], str | None] = question_answer
+    ) -> QuestionPrior:
+        """Count training records ({"question", "answers", "question_type"?}); one vote per question.
+
+        answer_of: a question's answer from its answers (None: not counted); by default VQA's rule, the most
+        frequent normalised human answer.
+        """
         overall: Counter = Counter()
         per_q: dict[str, Counter] = {}
         per_t: dict[str, Counter] = {}
         n = 0
         for r in records:
-            answer = question_answer(r.get("answers") or [])
+            answer = answer_of(r.get("answers") or [])
             if answer is None:  # test-split records carry no answers
                 continue
             n += 1
@@ -70,9 +76,9 @@ class QuestionPrior:
         if not n:
             raise ValueError("no training questions with answers to fit the question-only prior on")
         return cls(
-            majority=most_common(overall),
-            by_question={q: most_common(c) for q, c in per_q.items()},
-            by_type={t: most_common(c) for t, c in per_t.items()},
+            majority=_most_common(overall),
+            by_question={q: _most_common(c) for q, c in per_q.items()},
+            by_type={t: _most_common(c) for t, c in per_t.items()},
             num_train_questions=n,
         )
 

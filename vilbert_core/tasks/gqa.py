@@ -10,13 +10,12 @@ question wording, else per detailed type; the majority answer); the submission f
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.formats.tasks import iter_task_records
-from vilbert_core.evaluation.baselines import QuestionPrior, most_common, normalize_question
+from vilbert_core.evaluation.baselines import QuestionPrior
 from vilbert_core.evaluation.loading import EvalError
 from vilbert_core.tasks import TaskDefaults
 from vilbert_core.tasks.vqa import VQATask, fit_question_prior
@@ -24,27 +23,14 @@ from vilbert_core.tasks.vqa import VQATask, fit_question_prior
 GQA_ROWS = (("per_structural", "structural: "), ("per_semantic", "semantic: "))
 
 
-def fit_gqa_prior(records: Any) -> QuestionPrior:
-    """The question-only prior on training records, over answers as written (GQA scores exact matches)."""
-    overall: Counter = Counter()
-    per_q: dict[str, Counter] = defaultdict(Counter)
-    per_t: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        if not r.get("answers"):
-            continue
-        answer = r["answers"][0]
-        overall[answer] += 1
-        per_q[normalize_question(r["question"])][answer] += 1
-        if r.get("question_type"):
-            per_t[r["question_type"]][answer] += 1
-    if not overall:
-        raise ValueError("no training questions with answers to fit the question-only prior on")
-    return QuestionPrior(
-        majority=most_common(overall),
-        by_question={q: most_common(c) for q, c in per_q.items()},
-        by_type={t: most_common(c) for t, c in per_t.items()},
-        num_train_questions=sum(overall.values()),
-    )
+def written_answer(answers: Sequence[str]) -> str | None:
+    """A GQA question's one answer as written (GQA scores exact matches: no VQA normalisation)."""
+    return answers[0] if answers else None
+
+
+def fit_gqa_prior(records: Iterable[Mapping]) -> QuestionPrior:
+    """The question-only prior on training records, over answers as written."""
+    return QuestionPrior.fit(records, answer_of=written_answer)
 
 
 class GQATask(VQATask):
@@ -77,12 +63,7 @@ class GQATask(VQATask):
 
     def fit_prior(self, train_data: str | Path | None) -> QuestionPrior | None:
         """The question-only prior of the training split, over GQA's answers as written."""
-        if train_data is None or not Path(train_data).is_dir():
-            return fit_question_prior(train_data)  # says why there is none
-        try:
-            return fit_gqa_prior(iter_task_records(Path(train_data)))
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise EvalError(f"--train-data {train_data}: cannot fit the question-only prior: {err}") from None
+        return fit_question_prior(train_data, answer_of=written_answer)
 
     def submission(self, predictions: Mapping[Any, str]) -> Any:
         """GQA's submission file: [{"questionId", "prediction"}] sorted by id."""
