@@ -75,11 +75,14 @@ class VCRTask(Task):
     def _pass(
         self, loaded: Any, data_dir: Path, options: EvalOptions, swap_images: bool = False
     ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, int]]]:
-        """Choice probabilities and labels per annotation id and stage ("q_a", "qa_r")."""
+        """Choice probabilities and labels per annotation id and stage ("q_a", "qa_r"; a stage task: its own)."""
         probs: dict[str, dict[str, list[float]]] = {}
         labels: dict[str, dict[str, int]] = {}
-        bar = tqdm(desc="vcr, images shuffled" if swap_images else "vcr", unit="q", disable=not options.progress)
-        for batch in task_batches(loaded, data_dir, "vcr", options.batch_size, 0, options.num_workers, swap_images):
+        desc = f"{self.name}, images shuffled" if swap_images else self.name
+        bar = tqdm(desc=desc, unit="q", disable=not options.progress)
+        batches = task_batches(loaded, data_dir, "vcr", options.batch_size, 0, options.num_workers, swap_images,
+                               keep=self.keep_examples)  # fmt: skip
+        for batch in batches:
             p = vcr_pair_logits(loaded.model, batch).float().softmax(-1)  # (B,4)
             for aid, stage, row, lab in zip(batch["annot_id"], batch["vcr_stage"], p.tolist(),
                                             batch["label"].tolist(), strict=True):  # fmt: skip
@@ -142,14 +145,8 @@ class VCRStageTask(VCRTask):
         """The stage's accuracy beside chance (25) and with shuffled images; choice probabilities per annotation."""
 
         def scored(swap: bool) -> tuple[dict[str, list[float]], dict[str, int]]:
-            probs, labels = {}, {}
-            batches = task_batches(loaded, data_dir, "vcr", options.batch_size, 0, options.num_workers, swap,
-                                   keep=self.keep_examples)  # fmt: skip
-            for batch in batches:
-                p = vcr_pair_logits(loaded.model, batch).float().softmax(-1)  # (B,4)
-                for aid, row, lab in zip(batch["annot_id"], p.tolist(), batch["label"].tolist(), strict=True):
-                    probs[aid], labels[aid] = row, lab
-            return probs, labels
+            probs, labels = self._pass(loaded, data_dir, options, swap)  # only this stage's examples
+            return {a: p[self.stage] for a, p in probs.items()}, {a: y[self.stage] for a, y in labels.items()}
 
         def accuracy(probs: dict, labels: dict, keep: set[str] | None = None) -> dict[str, float] | None:
             ids = [a for a in sorted(probs) if labels[a] >= 0 and (keep is None or a in keep)]
