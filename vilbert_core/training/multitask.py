@@ -218,11 +218,13 @@ class MultiTaskTrainer(Trainer):
         return {"streams": {n: (r.stream.epoch, r.stream.in_epoch) for n, r in self.runs.items()}}
 
     def _start_logs(self, loader_factory: LoaderFactory | None) -> None:
-        """Trainer's logs; validation runs when any task has a validation set."""
+        """Trainer's logs, and each task's last validation scores."""
         super()._start_logs(loader_factory)
-        has_val = any(r.val_factory is not None for r in self.runs.values())
-        self.val_factory = self.runs[self.args.task_names[0]].factory if has_val else None  # a flag for run()
         self.last_vals: dict[str, dict[str, float]] = {}
+
+    def validates(self) -> bool:
+        """Whether any task has a validation set."""
+        return any(r.val_factory is not None for r in self.runs.values())
 
     def validate(self) -> None:
         """Score every task's validation set (and with shuffled images); best/ by the mean of the tasks' scores."""

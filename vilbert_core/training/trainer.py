@@ -399,6 +399,10 @@ class Trainer:
         """More of the trainer state a checkpoint keeps."""
         return {}
 
+    def validates(self) -> bool:
+        """Whether the run has validation data (--val)."""
+        return self.val_factory is not None
+
     def final_warnings(self) -> list[str]:
         """Warnings about the finished run."""
         return training_warnings(self.args.task, list(self.align_window), self.last_val)
@@ -417,7 +421,7 @@ class Trainer:
                 epoch_ended = (
                     step % self.steps_per_epoch == 0 if self.steps_per_epoch else self.stream.epoch != epoch_before
                 )
-                if self.val_factory is not None and (
+                if self.validates() and (
                     (args.eval_every and step % args.eval_every == 0)
                     or (not args.eval_every and epoch_ended)
                     or step == self.total_steps
