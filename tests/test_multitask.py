@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from eval_fixtures import write_task_dir
+from shard_fixtures import write_vocab
 from test_train_overfit import VOCAB, D, make_batch
 
 from vilbert_core import ViLBERTConfig, ViLBERTForTasks
@@ -50,12 +51,6 @@ def test_proportional_schedule_is_seeded_and_follows_the_data_sizes() -> None:
     assert [other.task_at(i) for i in range(50)] != draws[:50]
 
 
-def _vocab(root: Path) -> Path:
-    path = root / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """VQA, RefCOCO and retrieval TASKDIRs over the same six images, and a vocabulary."""
@@ -78,7 +73,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "refcoco": write_task_dir(root / "refcoco", "refcoco", "train", [(im, k, [ref(i)]) for i, im in enumerate(images)]),
         "retrieval": write_task_dir(root / "retrieval", "retrieval", "train", [
             (im, k, [{"caption": "a man sits on the grass" if i % 2 else "a red cat"}]) for i, im in enumerate(images)]),  # fmt: skip
-        "vocab": _vocab(root),
+        "vocab": write_vocab(root / "vocab.txt", WORDS),
         "root": root,
     }
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_fixtures import D, tiny, write_run, write_task_dir
+from shard_fixtures import write_vocab
 
 from vilbert_core import ViLBERTForTasks
 from vilbert_core.convert import convert_project_state_dict
@@ -22,17 +23,11 @@ VQA_ANSWERS = ["red", "yes", "no", "two"]
 GQA_ANSWERS = ["left", "right", "cat"]
 
 
-def _vocab(root: Path) -> Path:
-    path = root / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The reference file of a random tiny multi-task model (VQA and GQA heads), its own-format twin, task shards."""
     root = tmp_path_factory.mktemp("mt_ckpt")
-    vocab = _vocab(root)
+    vocab = write_vocab(root / "vocab.txt", WORDS)
     torch.manual_seed(0)
     model = ViLBERTForTasks(tiny(vocab, num_answers=len(VQA_ANSWERS), num_gqa_answers=len(GQA_ANSWERS))).eval()
     ref = root / "reference"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from eval_fixtures import write_task_dir
+from shard_fixtures import write_vocab
 
 from pipelines.datasets import TaskDataset
 from vilbert_core.training.trainer import run_train
@@ -25,8 +26,7 @@ def _record(qid: int) -> dict:
 @pytest.mark.parametrize(("max_regions", "expected"), [(100, [101, 51]), (36, [37, 37]), (10, [11, 11])])
 def test_any_region_count_up_to_the_maximum(tmp_path: Path, max_regions: int, expected: list[int]) -> None:
     data = write_task_dir(tmp_path / "vqa", "vqa", "train", [("a", 100, [_record(1)]), ("b", 50, [_record(2)])], ANSWERS)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "it", "red"]) + "\n")
+    vocab = write_vocab(tmp_path / "vocab.txt", ["is", "it", "red"])
     ds = TaskDataset(str(data), "vqa", vocab, batch_size=2, shuffle_buffer=1, max_regions=max_regions)
     batch = next(iter(ds))
     counts = dict(zip(batch["image_id"], batch["image_mask"].sum(1).tolist(), strict=True))

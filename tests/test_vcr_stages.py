@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_fixtures import tiny, write_run, write_task_dir
+from shard_fixtures import write_vocab
 
 from pipelines.datasets import TaskDataset
 from vilbert_core import ViLBERTForTasks
@@ -32,8 +33,7 @@ def vcr_record(n: int, known: bool = True) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vcr_stages")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    vocab = write_vocab(root / "vocab.txt", WORDS)
     images = [(f"img{i}", 4, [vcr_record(i)]) for i in range(5)] + [("img5", 4, [vcr_record(5, known=False)])]
     data = write_task_dir(root / "vcr", "vcr", "val", images)
     torch.manual_seed(0)
