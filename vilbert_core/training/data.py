@@ -3,13 +3,15 @@ stream of batches that resumes at a saved position."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.formats.tasks import answers_path
+from pipelines.formats.tasks import answers_path, check_task_source, read_answers
 from pipelines.formats.tasks import read_task_json as _read_task_json
 from vilbert_core.tasks import get_task
 
@@ -168,3 +170,65 @@ def count_samples(info: dict[str, Any] | None, task: str) -> int | None:
             per_record = spec.examples_per_record or spec.data.examples_per_record
             return counts[key] * per_record
     return None
+
+
+@dataclass
+class TaskSource:
+    """One task's training data as the trainer sizes it: task.json, answer list, features, batch, epoch."""
+
+    info: dict[str, Any] | None
+    answers: Path | None  # the answers.json beside the shards
+    num_answers: int | None
+    feature_dim: int | None  # None: shard URLs without task.json (read off the first batch)
+    per_rank: int  # samples per forward pass on each rank
+    samples: int | None  # training examples per epoch (task.json counts)
+    steps_per_epoch: int | None
+
+
+def read_task_source(args: TrainArgs, ctx: DistContext, flag: str = "") -> TaskSource:
+    """Check one task's --data and --val (shards of that task, answers where it needs them) and size its epoch.
+
+    flag: how the task's options are named in messages ("" for a single task, "vqa=" in a multi-task run).
+    """
+    try:
+        check_task_source(args.data, f"--data {flag}".rstrip())
+        if args.val:
+            check_task_source(args.val, f"--val {flag}".rstrip())
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    info = read_task_json(args.data)
+    check_task_json(info, args.task, args.data)
+    if args.val:
+        check_task_json(read_task_json(args.val), args.task, args.val)
+    answers = answers_file(args.data, info)
+    num_answers = len(read_answers(args.data, info)) if answers else None
+    if get_task(args.task).answer_head and num_answers is None and args.init_from is None:
+        raise TrainingError(f"{args.data}: {args.task} shards need their answers.json (answer_vocab in task.json)")
+    per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
+    if per_rank * ctx.world_size * args.grad_accum != args.batch_size:
+        option = f"--task-batch-size {flag}" if flag else "--batch-size "
+        raise TrainingError(
+            f"{option}{args.batch_size} must be a multiple of world size x grad accum = "
+            f"{ctx.world_size} x {args.grad_accum}"
+        )
+    samples = count_samples(info, args.task)
+    if samples == 0:
+        raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
+    steps_per_epoch = math.ceil(samples / args.batch_size) if samples else None
+    if args.steps is None and steps_per_epoch is None:
+        raise TrainingError(f"{args.data}: the sample count is unknown (no task.json counts); pass --steps")
+    if args.resampled and steps_per_epoch is None:
+        raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
+    feature_dim = (info or {}).get("features", {}).get("feature_dim")
+    return TaskSource(info, answers, num_answers, feature_dim, per_rank, samples, steps_per_epoch)
+
+
+def first_batch_feature_dim(factory: LoaderFactory, source: str, per_rank: int) -> int:
+    """The region feature size of the first training batch (shard URLs without a task.json say none)."""
+    try:
+        first = next(iter(factory(source, 0, per_rank)), None)
+    except FileNotFoundError as err:
+        raise TrainingError(f"{source}: {err}") from None
+    if first is None:
+        raise TrainingError(f"{source}: the data source yields no training samples")
+    return int(first["image_feat"].shape[-1])

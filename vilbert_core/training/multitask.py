@@ -23,19 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.formats.tasks import check_task_source, read_answers
 from vilbert_core.tasks import Task, get_task
 
 from .args import TrainArgs, TrainingError
 from .data import (
     BatchStream,
     LoaderFactory,
-    answers_file,
-    check_task_json,
-    count_samples,
     default_loader_factory,
+    first_batch_feature_dim,
     load_tokenizer,
-    read_task_json,
+    read_task_source,
 )
 from .distributed import barrier
 from .tasks import MaskingSpec, compute_losses
@@ -113,37 +110,13 @@ class MultiTaskTrainer(Trainer):
         dims: dict[str, int] = {}
         for name in args.task_names:
             targs = args.for_task(name)
-            try:
-                check_task_source(targs.data, f"--data {name}=")
-                if targs.val:
-                    check_task_source(targs.val, f"--val {name}=")
-            except ValueError as err:
-                raise TrainingError(str(err)) from None
-            info = read_task_json(targs.data)
-            check_task_json(info, name, targs.data)
-            if targs.val:
-                check_task_json(read_task_json(targs.val), name, targs.val)
+            source = read_task_source(targs, ctx, f"{name}=")
             spec = get_task(name)
             if spec.answer_head:
-                self.answers = answers_file(targs.data, info)
-                self.num_answers = len(read_answers(targs.data, info)) if self.answers else None
-                if self.num_answers is None and args.init_from is None:
-                    raise TrainingError(f"{targs.data}: {name} shards need their answers.json (answer_vocab in task.json)")
-            dim = (info or {}).get("features", {}).get("feature_dim")
-            if dim is not None:
-                dims[name] = int(dim)
-            per_rank = targs.batch_size // (ctx.world_size * args.grad_accum)
-            if per_rank < 1 or per_rank * ctx.world_size * args.grad_accum != targs.batch_size:
-                raise TrainingError(
-                    f"--task-batch-size {name}={targs.batch_size} must be a multiple of world size x grad accum = "
-                    f"{ctx.world_size} x {args.grad_accum}"
-                )
-            samples = count_samples(info, name)
-            if samples == 0:
-                raise TrainingError(f"{targs.data}: the task shards hold no training samples (task.json counts)")
-            steps_per_epoch = math.ceil(samples / targs.batch_size) if samples else None
-            if args.steps is None and steps_per_epoch is None:
-                raise TrainingError(f"{targs.data}: the sample count is unknown (no task.json counts); pass --steps")
+                self.answers, self.num_answers = source.answers, source.num_answers
+            if source.feature_dim is not None:
+                dims[name] = int(source.feature_dim)
+            per_rank, samples, steps_per_epoch = source.per_rank, source.samples, source.steps_per_epoch
             factory = loader_factory or default_loader_factory(targs, ctx, steps_per_epoch=steps_per_epoch)
             run = TaskRun(name, spec, targs, per_rank, steps_per_epoch, samples, factory,
                           BatchStream(factory, targs.data, per_rank, ctx))  # fmt: skip
@@ -159,10 +132,7 @@ class MultiTaskTrainer(Trainer):
         # what Trainer's set-up reads: the first task's stream and batch (feature statistics come from it)
         self.factory, self.stream, self.per_rank = first.factory, first.stream, first.per_rank
         if self.feature_dim is None:
-            batch = next(iter(first.factory(first.args.data, 0, first.per_rank)), None)
-            if batch is None:
-                raise TrainingError(f"{first.args.data}: the data source yields no training samples")
-            self.feature_dim = int(batch["image_feat"].shape[-1])
+            self.feature_dim = first_batch_feature_dim(first.factory, first.args.data, first.per_rank)
         # an "epoch" of the run: every task's epoch once, in steps
         epochs = [r.steps_per_epoch for r in self.runs.values()]
         self.steps_per_epoch = sum(epochs) if all(epochs) else None

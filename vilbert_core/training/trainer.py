@@ -34,7 +34,6 @@ from torch import nn
 from extract.devices import autocast
 from extract.devices import resolve_precision as _resolve_precision
 from pipelines.fileio import atomic_write_json, check_out_dir, disk_full_error, is_disk_full, make_out_dir
-from pipelines.formats.tasks import check_task_source, read_answers
 from vilbert_core.batches import batch_size_of, batch_to_device
 from vilbert_core.tasks import get_task
 
@@ -57,9 +56,11 @@ from .data import (  # noqa: F401
     check_task_json,
     count_samples,
     default_loader_factory,
+    first_batch_feature_dim,
     load_tokenizer,
     masking_spec,
     read_task_json,
+    read_task_source,
 )
 from .distributed import (
     DistContext,
@@ -203,52 +204,16 @@ class Trainer:
     def _read_data(self, loader_factory: LoaderFactory | None) -> None:
         """What the sources are, task check, vocabulary, answers, feature size, batch per rank, total steps."""
         args, ctx = self.args, self.ctx
-        try:
-            check_task_source(args.data, "--data")
-            if args.val:
-                check_task_source(args.val, "--val")
-        except ValueError as err:
-            raise TrainingError(str(err)) from None
-        info = read_task_json(args.data)
-        check_task_json(info, args.task, args.data)
-        if args.val:
-            check_task_json(read_task_json(args.val), args.task, args.val)
+        source = read_task_source(args, ctx)
         self.tokenizer = load_tokenizer(args.vocab, args.max_text_len)
-        self.answers = answers_file(args.data, info)
-        self.num_answers = len(read_answers(args.data, info)) if self.answers else None
-        if self.spec.answer_head and self.num_answers is None and args.init_from is None:
-            raise TrainingError(f"{args.data}: {args.task} shards need their answers.json (answer_vocab in task.json)")
-        self.feature_dim = (info or {}).get("features", {}).get("feature_dim")
-
-        self.per_rank = args.batch_size // (ctx.world_size * args.grad_accum)
-        if self.per_rank * ctx.world_size * args.grad_accum != args.batch_size:
-            raise TrainingError(
-                f"--batch-size {args.batch_size} must be a multiple of world size x grad accum = "
-                f"{ctx.world_size} x {args.grad_accum}"
-            )
+        self.answers, self.num_answers, self.feature_dim = source.answers, source.num_answers, source.feature_dim
+        self.per_rank, self.steps_per_epoch = source.per_rank, source.steps_per_epoch
         # total steps: --steps, or epochs x samples per epoch
-        n_samples = count_samples(info, args.task)
-        if n_samples == 0:
-            raise TrainingError(f"{args.data}: the task shards hold no training samples (task.json counts)")
-        self.steps_per_epoch = math.ceil(n_samples / args.batch_size) if n_samples else None
-        if args.steps is not None:
-            self.total_steps = args.steps
-        elif self.steps_per_epoch is None:
-            raise TrainingError(f"{args.data}: the sample count is unknown (no task.json counts); pass --steps")
-        else:
-            self.total_steps = max(1, math.ceil(args.epochs * self.steps_per_epoch))
-        if args.resampled and self.steps_per_epoch is None:
-            raise TrainingError("--resampled needs the sample count of task.json to size an epoch")
+        self.total_steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * self.steps_per_epoch))
         self.factory = loader_factory or default_loader_factory(args, ctx, steps_per_epoch=self.steps_per_epoch)
         self.stream = BatchStream(self.factory, args.data, self.per_rank, ctx)
         if self.feature_dim is None:  # shard URLs without a task.json: read the size off the first batch
-            try:
-                first = next(iter(self.factory(args.data, 0, self.per_rank)), None)
-            except FileNotFoundError as err:
-                raise TrainingError(f"{args.data}: {err}") from None
-            if first is None:
-                raise TrainingError(f"{args.data}: the data source yields no training samples")
-            self.feature_dim = int(first["image_feat"].shape[-1])
+            self.feature_dim = first_batch_feature_dim(self.factory, args.data, self.per_rank)
         self.warmup_steps = int(args.warmup * self.total_steps) if args.warmup < 1 else int(args.warmup)
 
     def _find_resume_point(self) -> None:
