@@ -523,7 +523,11 @@ def train_cmd(
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a checkpoint every N steps (and at the end)."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep (0: all)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help=_literal("Validate every N steps [default: each epoch].")),
-    clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient-norm clipping threshold."),
+    clip_grad: float = typer.Option(
+        1.0, "--clip-grad",
+        help="Gradient-norm clipping threshold; 0: no clipping (then, in one process without --grad-accum, each "
+        "update is applied as soon as backward has its gradient: same results, less memory).",
+    ),
     threads: int | None = typer.Option(
         None, "--threads",
         help=_literal("torch threads per process [default: OMP_NUM_THREADS, else the process's cores (CPU affinity) "
@@ -668,6 +672,12 @@ def eval_cmd(
         True, "--vision-check/--no-vision-check",
         help="VQA, VCR, RefCOCO: score again with each image's regions taken from another image (one more pass).",
     ),
+    rerank_top_k: int = typer.Option(
+        0, "--rerank-top-k",
+        help="Retrieval with --precision bf16: rescore each query's top K pairs of the bf16 pass in fp32 and "
+             "rank them first (0: off). Near-fp32 rankings at about bf16 speed; report.md says how many "
+             "queries it changed.",
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Score a model with the task's official metrics; write metrics.json, report.md, plots and predictions.
@@ -695,7 +705,8 @@ def eval_cmd(
         record = run_eval(task, model, data, out, batch_size=batch_size, device=device, vocab=vocab, answers=answers,
                           num_candidates=num_candidates, seed=seed, precision=precision,
                           num_workers=num_workers, max_images=max_images, progress=progress,
-                          train_data=train_data, vision_check=vision_check)  # fmt: skip
+                          train_data=train_data, vision_check=vision_check,
+                          rerank_top_k=rerank_top_k)  # fmt: skip
     except (EvalError, FileNotFoundError, ValueError) as err:
         _fail(err)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))

@@ -98,8 +98,13 @@ def flops_per_pair(preset: str, tokens: int = 20, regions: int = 37) -> dict[str
 
 
 def bench_scoring(preset: str, batch_size: int, rounds: int, device: str, precision: str,
-                  reference: str | None = None) -> dict:  # fmt: skip
-    """Per-pair, per-caption and per-image costs of each scoring path, interleaved round by round."""
+                  reference: str | None = None, rerank_k: int = 10) -> dict:  # fmt: skip
+    """Per-pair, per-caption and per-image costs of each scoring path, interleaved round by round.
+
+    Under bf16 the rounds also time the fp32 parts a re-ranked evaluation adds (`eval --precision bf16
+    --rerank-top-k K`: each query's top K pairs rescored in fp32) and, with a reference, the
+    reference in fp32 (it has no bf16 mode of its own).
+    """
     cfg = _config(preset)
     torch.manual_seed(0)
     model = ViLBERTForTasks(cfg).to(device).eval()
@@ -124,10 +129,27 @@ def bench_scoring(preset: str, batch_size: int, rounds: int, device: str, precis
             "text": (lambda i: model.vilbert.embed_text(**text), batch_size),
             "image": (lambda i: model.vilbert.embed_image(**images), 2),
         }
+        exact = torch.autocast(device, enabled=False)
+        if precision == "bf16":
+            with exact:
+                text_fp32, image_fp32 = model.vilbert.embed_text(**text), model.vilbert.embed_image(**images)
+
+            def in_fp32(run: Callable[[int], Any]) -> Callable[[int], Any]:
+                """run with autocast off."""
+                def wrapped(i: int) -> Any:
+                    with exact:
+                        return run(i)
+                return wrapped
+
+            paths["pairs_fp32"] = (in_fp32(lambda i: model.score_pairs(text_fp32[cap], image_fp32[img[i % 2]])),
+                                   batch_size)  # fmt: skip
+            paths["text_fp32"] = (in_fp32(lambda i: model.vilbert.embed_text(**text)), batch_size)
         if reference:
             ref = build_reference_tasks(reference, cfg, device)
             order = ("input_ids", "image_feat", "image_loc", "token_type_ids", "attention_mask", "image_mask")
             paths["reference"] = (lambda i: ref(*(pair_inputs(i)[k] for k in order)), batch_size)
+            if precision == "bf16":
+                paths["reference_fp32"] = (in_fp32(paths["reference"][0]), batch_size)
         seconds: dict[str, list[float]] = {name: [] for name in paths}
         names = list(paths)
         for i in range(rounds + 1):  # round 0 warms up
@@ -145,14 +167,24 @@ def bench_scoring(preset: str, batch_size: int, rounds: int, device: str, precis
         "cached": FLICKR_IMAGES * FLICKR_CAPTIONS * cost["pairs"] + FLICKR_CAPTIONS * cost["text"]
         + FLICKR_IMAGES * cost["image"],
     }
-    if reference:
-        flickr["reference"] = FLICKR_IMAGES * FLICKR_CAPTIONS * cost["reference"]
+    if precision == "bf16":
+        # each query's top k rescored in fp32: at most k x (images + captions) pairs, plus every caption's
+        # text layers in fp32 (images' fp32 part is negligible)
+        flickr[f"cached_rerank{rerank_k}"] = (flickr["cached"] + FLICKR_CAPTIONS * cost["text_fp32"]
+                                              + rerank_k * (FLICKR_IMAGES + FLICKR_CAPTIONS) * cost["pairs_fp32"])  # fmt: skip
+    for name in ("reference", "reference_fp32"):
+        if name in cost:
+            flickr[name] = FLICKR_IMAGES * FLICKR_CAPTIONS * cost[name]
+    vs_ref = {f"{ours} vs {ref}": flickr[ref] / flickr[ours] for ref in ("reference", "reference_fp32")
+              for ours in ("cached", f"cached_rerank{rerank_k}") if ref in flickr and ours in flickr}  # fmt: skip
     return {"preset": preset, "precision": precision, "batch_size": batch_size, "rounds": rounds,
             "seconds_per_item": cost, "pairs_per_s": {k: 1 / v for k, v in cost.items()},
             "flickr30k_1k_test_hours": {k: v / 3600 for k, v in flickr.items()},
             "speedup_cached_vs_full": flickr["full"] / flickr["cached"],
             "ratio_per_round_full_vs_pairs": [f / p for f, p in zip(seconds["full"], seconds["pairs"], strict=True)],
-            "speedup_vs_reference": flickr["reference"] / flickr["cached"] if reference else None}  # fmt: skip
+            "speedup_vs_reference": flickr["reference"] / flickr["cached"] if reference else None,
+            "ratio_per_round_reference_vs_pairs": [r / p for r, p in zip(seconds["reference"], seconds["pairs"], strict=True)]
+            if reference else None, "speedups_vs_reference": vs_ref}  # fmt: skip
 
 
 def build_reference_tasks(path: str, cfg: ViLBERTConfig, device: str) -> torch.nn.Module:
@@ -205,6 +237,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (autocast)")
     ap.add_argument("--compare-reference", default=None, metavar="PATH",
                     help="a vilbert-multi-task checkout: time its forward per pair against ours, interleaved")  # fmt: skip
+    ap.add_argument("--rerank-k", type=int, default=10,
+                    help="bf16 rows: project `eval --rerank-top-k K` (each query's top K rescored in fp32)")  # fmt: skip
     ap.add_argument("--skip-metrics", action="store_true", help="only the scoring benchmark")
     ap.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     a = ap.parse_args()
@@ -223,7 +257,7 @@ def main() -> None:
     for preset in a.presets.split(","):
         record["flops"][preset] = f = flops_per_pair(preset)
         for precision in a.precisions.split(","):
-            r = bench_scoring(preset, a.batch_size, a.rounds, a.device, precision, a.compare_reference)
+            r = bench_scoring(preset, a.batch_size, a.rounds, a.device, precision, a.compare_reference, a.rerank_k)
             record["scoring"].append(r)
             rate, hours = r["pairs_per_s"], r["flickr30k_1k_test_hours"]
             ref = (f" | {rate['reference']:.1f} | {r['speedup_vs_reference']:.2f}x" if a.compare_reference else "")
@@ -231,6 +265,19 @@ def main() -> None:
                   f"{rate['text']:.1f} | {rate['image']:.1f} | {_hours(hours['full'])} | {_hours(hours['cached'])} | "
                   f"{r['speedup_cached_vs_full']:.2f}x | "
                   f"{', '.join(f'{x:.2f}' for x in r['ratio_per_round_full_vs_pairs'])}{ref} |", flush=True)  # fmt: skip
+    extra = [(r, name, h) for r in record["scoring"] for name, h in r["flickr30k_1k_test_hours"].items()
+             if name not in ("full", "cached")]  # fmt: skip
+    if extra:
+        print("\n| config | precision | Flickr30k 1k test, other paths | hours |")
+        print("|---|---|---|---|")
+        for r, name, h in extra:
+            print(f"| {r['preset']} | {r['precision']} | {name} | {_hours(h)} |")
+    ratios = [(r, name, x) for r in record["scoring"] for name, x in r["speedups_vs_reference"].items()]
+    if ratios:
+        print("\n| config | precision (ours) | ours vs reference (Flickr30k 1k test time ratio) | speed-up |")
+        print("|---|---|---|---|")
+        for r, name, x in ratios:
+            print(f"| {r['preset']} | {r['precision']} | {name} | {x:.2f}x |")
     print("\n| config | GFLOP per pair: full forward | score_pairs | per caption: embed_text | per image: embed_image |")
     print("|---|---|---|---|---|")
     for preset, f in record["flops"].items():

@@ -7,6 +7,7 @@ regions or pairs tied), so each metric can be worked out by hand from the annota
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,29 @@ def test_eval_retrieval_ties_and_zero_shot(tmp_path: Path, vocab: Path, kind: st
         m = sub["splits"]["test"]
         assert (m["num_images"], m["num_captions"]) == (2, 3)
         assert m["image_retrieval"]["r1"] == pytest.approx(200 / 3) and m["text_retrieval"]["r1"] == 50.0
+
+
+def test_eval_retrieval_bf16_with_fp32_rerank(tmp_path: Path, vocab: Path) -> None:
+    caps = [[{"caption": "a dog sits on the grass"}, {"caption": "two dogs"}], [{"caption": "a red cat"}],
+            [{"caption": "a man"}, {"caption": "the happy man"}]]  # fmt: skip
+    data = write_task_dir(tmp_path / "ret", "retrieval", "test", [(f"im{i}", 3 + i, c) for i, c in enumerate(caps)])
+    torch.manual_seed(0)
+    run = write_run(tmp_path / "run", ViLBERTForTasks(tiny(vocab)), "retrieval", vocab)
+    kw = {"batch_size": 4, "device": "cpu", "progress": False}
+    fp32 = run_eval("retrieval", run, data, tmp_path / "fp32", **kw)["splits"]["test"]
+    # every query's whole pool (3 images, 5 captions) rescored in fp32: the fp32 ranking exactly
+    res = run_eval("retrieval", run, data, tmp_path / "rr", precision="bf16", rerank_top_k=5, **kw)
+    m = res["splits"]["test"]
+    for name in ("image_retrieval", "text_retrieval", "image_retrieval_100cand", "text_retrieval_100cand"):
+        assert m[name] == fp32[name], name
+    assert m["rerank"]["top_k"] == 5 and m["rerank"]["pairs"] == 15 and res["precision"] == "bf16"
+    assert "Re-ranked: each query's top 5" in (tmp_path / "rr" / "report.md").read_text()
+    assert "rerank" not in fp32
+    for precision, task, k, msg in (("fp32", "retrieval", 5, "already exact"), ("bf16", "vqa", 5, "ranks no pairs"),
+                                    ("bf16", "retrieval", -1, "0 (off) or a positive")):  # fmt: skip
+        with pytest.raises(EvalError, match=re.escape(msg)):
+            run_eval(task, run, data, tmp_path / f"bad{k}{task}", precision=precision, rerank_top_k=k, **kw)
+        assert not (tmp_path / f"bad{k}{task}").exists()  # refused before anything is written
 
 
 def test_eval_pretrain_metrics_and_errors(tmp_path: Path, vocab: Path) -> None:

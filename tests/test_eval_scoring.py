@@ -8,7 +8,8 @@ import torch
 
 from vilbert_core import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert_core.evaluation.loading import LoadedModel
-from vilbert_core.tasks.retrieval import score_all_pairs
+from vilbert_core.evaluation.metrics import retrieval_ranks
+from vilbert_core.tasks.retrieval import rerank_top_k, score_all_pairs, score_pair_list
 from vilbert_core.tasks.vcr import vcr_pair_logits
 
 
@@ -73,6 +74,76 @@ def test_score_all_pairs_equals_the_full_forward_of_every_pair(kind: str, layers
         got = score_all_pairs(loaded, images, text, batch_size, progress=False, caption_chunk=chunk)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     assert expected.std() > 0.1  # the scores differ from pair to pair
+
+
+def _reranked_order(first: list[float], exact: list[float], k: int) -> list[int]:
+    """Plain re-ranking of one query's pool: its k best by `first` in `exact` order, then the rest by `first`."""
+    by_first = sorted(range(len(first)), key=lambda j: -first[j])
+    return sorted(by_first[:k], key=lambda j: -exact[j]) + by_first[k:]
+
+
+@pytest.mark.parametrize(("k", "ties"), [(1, False), (2, False), (3, False), (10, False), (2, True), (3, True)])
+def test_rerank_top_k_puts_each_querys_top_k_first_in_exact_order(k: int, ties: bool) -> None:
+    model = _model("tasks")
+    images, text = _retrieval_set(model.config)
+    loaded = LoadedModel(model, "tasks", None, None, 9, 6, "retrieval", None, torch.device("cpu"))
+    exact = score_all_pairs(loaded, images, text, 64, progress=False)
+    # a first stage that disagrees with the exact scores (as a bf16 pass can, only more so)
+    first = exact + 0.5 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(3))
+    if ties:  # coarse first-stage scores, as bf16 rounds them: ties go to the lower index
+        first = (first * 2).round() / 2
+        assert len(first.unique()) < first.numel() / 2
+    image_scores, text_scores, stats = rerank_top_k(loaded, images, text, first, k, batch_size=4, progress=False)
+
+    own = torch.tensor([0, 0, 1, 2, 3, 4, 4])  # caption -> image
+    ranks = retrieval_ranks(image_scores, own, num_candidates=100, text_scores=text_scores)
+    by_images, by_texts = set(), set()  # the pairs each direction rescored
+    for c in range(7):  # image retrieval: each caption ranks the 5 images
+        order = _reranked_order(first[:, c].tolist(), exact[:, c].tolist(), k)
+        by_images |= {(i, c) for i in order[:k]}
+        assert ranks["image_retrieval"][c] == order.index(int(own[c])), c
+    for i in range(5):  # text retrieval: each image ranks the 7 captions; its best own caption counts
+        order = _reranked_order(first[i].tolist(), exact[i].tolist(), k)
+        by_texts |= {(i, c) for c in order[:k]}
+        assert ranks["text_retrieval"][i] == min(order.index(c) for c in range(7) if own[c] == i), i
+    # fewer than 100 candidates: the candidate protocol ranks by the same (per-direction) scores
+    assert torch.equal(ranks["text_retrieval_100cand"], ranks["text_retrieval"])
+    assert torch.equal(ranks["image_retrieval_100cand"], ranks["image_retrieval"])
+    assert stats["pairs"] == len(by_images | by_texts)  # a pair in both directions' top k is scored once
+    # the rescored pairs hold their exact scores, shifted by one constant above every first-stage score
+    for scores, pairs in ((image_scores, by_images), (text_scores, by_texts)):
+        shifts = torch.tensor([float(scores[i, c] - exact[i, c]) for i, c in pairs], dtype=torch.float64)
+        torch.testing.assert_close(shifts, shifts[:1].expand_as(shifts), atol=1e-5, rtol=0)
+        assert min(float(scores[i, c]) for i, c in pairs) > float(first.max())
+    if k >= 7:  # every pair rescored: the exact ranking
+        want = retrieval_ranks(exact, own)
+        for name in ("image_retrieval", "text_retrieval"):
+            assert torch.equal(ranks[name], want[name])
+
+
+def test_score_pairs_under_bf16_autocast_keeps_the_scoring_head_in_fp32() -> None:
+    model = _model("tasks")
+    images, text = _retrieval_set(model.config)
+    cap, img = torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t, i = model.vilbert.embed_text(**text)[cap], model.vilbert.embed_image(**images)[img]
+        masks = (text["attention_mask"][cap], images["image_mask"][img])
+        got = model.score_pairs(t, i, *masks)
+        pooled = model.vilbert.fuse(t, i, *masks, pooled_only=True).pooled
+    assert pooled.dtype == torch.bfloat16 and got.dtype == torch.float32
+    want = pooled.float() @ model.pair_head.weight[0] + model.pair_head.bias[0]  # the head by hand, in fp32
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16's 8 significant bits
+
+
+def test_score_pair_list_scores_any_pairs_in_any_order() -> None:
+    model = _model("pretraining")
+    images, text = _retrieval_set(model.config)
+    loaded = LoadedModel(model, "pretraining", None, None, 9, 6, "retrieval", None, torch.device("cpu"))
+    full = score_all_pairs(loaded, images, text, 64, progress=False)
+    img, cap = torch.tensor([4, 0, 4, 2, 1]), torch.tensor([6, 0, 2, 6, 3])  # repeats, unsorted
+    got = score_pair_list(loaded, images, text, img, cap, batch_size=2, progress=False, caption_chunk=3)
+    torch.testing.assert_close(got, full[img, cap], atol=2e-5, rtol=1e-5)
 
 
 def test_vcr_pair_logits_equal_the_forward_on_repeated_images() -> None:

@@ -296,3 +296,20 @@ def test_curves_name_each_tasks_validation() -> None:
     assert panels["validation"] == {"mean mean_score": [(2, 0.375)], "refcoco accuracy": [(2, 0.25)],
                                     "vqa vqa_score": [(2, 0.5)]}  # fmt: skip
     assert set(panels["loss"]) == {"loss", "loss_vqa", "loss_refcoco"}
+
+
+def test_updates_inside_backward_give_the_multi_task_model_of_a_step_after_backward(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    # each task at its own lr: the task's scale must be on the groups while backward applies the updates
+    task_lr = {"vqa": 1e-3, "refcoco": 5e-4, "retrieval": 2e-4}
+    weights, losses = {}, {}
+    for inside in (True, False):
+        out = tmp_path / f"inside_{inside}"
+        summary = run_train(_args(data, out, steps=3, task_lr=task_lr, clip_grad=0, update_in_backward=inside))
+        assert summary["update_in_backward"] is inside
+        weights[inside] = ViLBERTForTasks.from_pretrained(out).state_dict()
+        losses[inside] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") != "val"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)

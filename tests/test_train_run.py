@@ -147,6 +147,29 @@ def test_activation_checkpointing_trains_exactly_the_same_model(tmp_path, data):
     assert json.loads((tmp_path / "ckpt_True" / "train_args.json").read_text())["activation_checkpointing"] is True
 
 
+@pytest.mark.parametrize("task", ["pretrain", "vqa"])
+def test_updates_inside_backward_train_exactly_the_same_model(tmp_path, data, task):
+    """--clip-grad 0 applies each update during backward: the losses, norms and weights of a step after it."""
+    runs = {}
+    kw = {"task": task, "data": str(data[task if task == "vqa" else "captions"])}
+    for inside in (True, False):
+        out = tmp_path / f"inside_{inside}"
+        summary = run_train(_args(data, out, steps=4, checkpoint_every=10, clip_grad=0, update_in_backward=inside, **kw))
+        assert summary["update_in_backward"] is inside
+        model_cls = ViLBERTForPretraining if task == "pretrain" else ViLBERTForTasks
+        runs[inside] = (read_metrics(out / "metrics.jsonl"), model_cls.from_pretrained(out).state_dict())
+    for ra, rb in zip(runs[False][0], runs[True][0], strict=True):
+        for key in ("loss", "grad_norm", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert runs[False][0][0]["grad_norm"] > 0
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-5, atol=1e-6)
+    # clipping, accumulation: every gradient is needed before the first update, so the usual step runs
+    for extra in ({"clip_grad": 1.0}, {"clip_grad": 0, "grad_accum": 2}):
+        summary = run_train(_args(data, tmp_path / f"usual{len(extra)}", steps=1, checkpoint_every=10, **extra, **kw))
+        assert summary["update_in_backward"] is False
+
+
 def _nan_factory(args: TrainArgs, at_batch: int):
     """The real loader with NaN region features from batch `at_batch` on."""
     real = default_loader_factory(args, DistContext())
@@ -162,8 +185,9 @@ def _nan_factory(args: TrainArgs, at_batch: int):
     return factory
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
-    args = _args(data, tmp_path / "run", steps=8, checkpoint_every=2)
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])  # 0: the updates happen inside backward
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, clip_grad):
+    args = _args(data, tmp_path / "run", steps=8, checkpoint_every=2, clip_grad=clip_grad)
     with pytest.raises(TrainingDiverged, match=r"step 6.*checkpoints/step-4"):
         run_train(args, loader_factory=_nan_factory(args.resolved(), at_batch=5))
     assert (tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors").is_file()

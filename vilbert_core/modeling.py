@@ -12,6 +12,7 @@ additive biases in the attention's dtype so that padded keys get exactly zero we
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -795,7 +796,7 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
     ) -> Tensor:
         """Alignment logits (B,) from `vilbert.embed_text` and `vilbert.embed_image` outputs (zero-shot retrieval)."""
         base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
-        return self.align_head(self.dropout(base.pooled)).squeeze(-1)
+        return _ranking_head(self.align_head, self.dropout(base.pooled))
 
 
 class ViLBERTForTasks(ViLBERTPreTrainedModel):
@@ -889,7 +890,19 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
         many images, computes each side's part before co-attention once instead of once per pair.
         """
         base = self.vilbert.fuse(text, image, attention_mask, image_mask, pooled_only=True)
-        return self.pair_head(self.dropout(base.pooled)).squeeze(-1)
+        return _ranking_head(self.pair_head, self.dropout(base.pooled))
+
+
+def _ranking_head(head: nn.Linear, pooled: Tensor) -> Tensor:
+    """(B,) scores of a one-output head in its weights' dtype, autocast off.
+
+    Under bf16 autocast the head would round every score to 8 significant bits, and pairs that a
+    ranking must order would tie; the head is one small matmul, so it runs at the weights' precision.
+    """
+    device = pooled.device.type
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with off:  # (the meta device, which FLOP counts use, has no autocast)
+        return head(pooled.to(head.weight.dtype)).squeeze(-1)
 
 
 def _fields(output: ViLBERTModelOutput) -> dict[str, Any]:

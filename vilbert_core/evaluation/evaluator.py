@@ -73,6 +73,19 @@ def _require_kind(loaded: LoadedModel, spec: Task) -> None:
         )
 
 
+def _check_rerank(k: int, spec: Task, precision: str) -> None:
+    """--rerank-top-k needs a task that ranks pairs and a first pass cheaper than the exact one."""
+    if not k:
+        return
+    if k < 0:
+        raise EvalError(f"--rerank-top-k must be 0 (off) or a positive number, got {k}")
+    if not spec.reranks:
+        raise EvalError(f"--rerank-top-k: --task {spec.name} ranks no pairs; it applies to retrieval")
+    if precision == "fp32":
+        raise EvalError("--rerank-top-k rescores a bf16 first pass in fp32; with --precision fp32 every score "
+                        "is already exact: add --precision bf16, or drop --rerank-top-k")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- report
 def markdown_report(task: str, model: str, results: dict[str, dict]) -> str:
     """Every split's metrics as Markdown: warnings, scalars, the model beside its baselines, then groups."""
@@ -114,6 +127,7 @@ def run_eval(
     progress: bool = True,
     train_data: str | Path | None = None,
     vision_check: bool = True,
+    rerank_top_k: int = 0,
 ) -> dict[str, Any]:
     """Evaluate `model` on the TASKDIR(s) in `data` for `task`; write the report to `out`; return metrics.json.
 
@@ -124,6 +138,8 @@ def run_eval(
     are fitted on; default: the run's training data (train_args.json).
     vision_check: tasks with a shuffled-image check (VQA, VCR, RefCOCO, ...): score again with every
     image's regions taken from another image.
+    rerank_top_k: retrieval with precision "bf16" only: rescore each query's top k pairs of the bf16
+    pass in fp32 and rank them first (0: off).
     Every split's metrics get "baselines" (blind or chance scores) and "warnings" (e.g. the model
     does not use the image); warnings are also logged.
     """
@@ -136,6 +152,7 @@ def run_eval(
         check_precision(precision, EVAL_PRECISIONS)
     except ValueError as err:
         raise EvalError(str(err)) from None
+    _check_rerank(rerank_top_k, spec, precision)
     check_out_dir(out)  # before the model is loaded
     loaded = (
         model
@@ -153,7 +170,7 @@ def run_eval(
     out = make_out_dir(out)
     options = EvalOptions(batch_size=batch_size, progress=progress, num_workers=num_workers, seed=seed,
                           num_candidates=num_candidates, max_images=max_images, vision_check=vision_check,
-                          train_data=train_data)  # fmt: skip
+                          train_data=train_data, rerank_top_k=rerank_top_k)  # fmt: skip
     setup = spec.eval_setup(loaded, options)  # e.g. a blind baseline fitted on the training split
 
     results: dict[str, dict] = {}

@@ -300,13 +300,25 @@ def sample_candidates_ranks(
 
 
 def retrieval_ranks(
-    scores: object, caption_image: object, num_candidates: int = 100, seed: int = 0
+    scores: object,
+    caption_image: object,
+    num_candidates: int = 100,
+    seed: int = 0,
+    text_scores: object | None = None,
 ) -> dict[str, torch.Tensor]:
-    """0-based ranks of the four retrieval protocols: image/text retrieval, full set and N candidates."""
+    """0-based ranks of the four retrieval protocols: image/text retrieval, full set and N candidates.
+
+    text_scores: the (N_img, N_cap) scores text retrieval ranks by, when they differ from image
+    retrieval's `scores` (a re-ranked second stage rescores each direction's own top k).
+    """
     img_c, txt_c = sample_candidates_ranks(scores, caption_image, num_candidates, seed)
+    if text_scores is None:
+        text_scores = scores
+    else:  # the same seed draws the same candidate sets
+        txt_c = sample_candidates_ranks(text_scores, caption_image, num_candidates, seed)[1]
     return {
         "image_retrieval": image_retrieval_ranks(scores, caption_image),
-        "text_retrieval": text_retrieval_ranks(scores, caption_image),
+        "text_retrieval": text_retrieval_ranks(text_scores, caption_image),
         f"image_retrieval_{num_candidates}cand": img_c,
         f"text_retrieval_{num_candidates}cand": txt_c,
     }

@@ -50,6 +50,7 @@ class EvalOptions:
     seed: int = 0
     num_candidates: int = 100  # retrieval: candidates per query of the paper's protocol
     max_images: int | None = None  # retrieval: score only the first N images
+    rerank_top_k: int = 0  # retrieval: rescore each query's top k of the (bf16) first pass in fp32
     vision_check: bool = True  # score again with every image's regions taken from another image
     train_data: str | Path | None = None  # the training TASKDIR, for blind baselines
 
@@ -68,6 +69,7 @@ class Task:
     reference_answer_head: str = "vil_prediction"
     explain_head: str = "pair"  # what `explain --head auto` reports: align, vqa, refer or pair
     writes_predictions: bool = True  # eval writes <task>_predictions_<split>.json
+    reranks: bool = False  # eval --rerank-top-k: the task ranks pairs and can rescore its top k exactly
     # a task that trains on part of its shard task's examples: the field values they must have
     # (VCR's stages as two tasks, as the multi-task reference); the examples per record then
     keep_examples: dict[str, Any] | None = None

@@ -41,7 +41,10 @@ class TrainArgs:
     max_regions: int | None = None
     # standardize | none; None: standardize a fresh model, keep a checkpoint's own (docs/training.md)
     feature_norm: str | None = None
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # global gradient-norm threshold; 0: no clipping
+    # with no clipping, no accumulation, one process and no fp16 scaling: apply each parameter's update
+    # as soon as backward has its gradient and free it (same results, less memory; docs/training.md)
+    update_in_backward: bool = True
     activation_checkpointing: bool = False  # recompute layer activations in backward: memory for compute
     precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
@@ -90,7 +93,7 @@ class TrainArgs:
             ("--warmup", self.warmup, lambda v: v >= 0, "0 or more"),
             ("--max-text-len", self.max_text_len, lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
             ("--max-regions", self.max_regions, lambda v: v >= 1, "at least 1"),
-            ("--clip-grad", self.clip_grad, lambda v: v > 0, "above 0"),
+            ("--clip-grad", self.clip_grad, lambda v: v >= 0, "0 (no clipping) or more"),
             ("--num-workers", self.num_workers, lambda v: v >= 0, "0 or more"),
             ("--shuffle-buffer", self.shuffle_buffer, lambda v: v >= 0, "0 or more"),
             ("--checkpoint-every", self.checkpoint_every, lambda v: v >= 1, "at least 1"),

@@ -78,17 +78,21 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def step_in_backward(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+def step_in_backward(
+    optimizer: torch.optim.Optimizer, observe: Callable[[torch.Tensor], None] | None = None
+) -> Callable[[], None]:
     """Apply each parameter's update as soon as backward has its gradient, and free that gradient.
 
     The full set of gradients (as large as the parameters) then never exists at once. The updates
     equal optimizer.step() after backward, so this is only for loops that step once per backward and
     do nothing to the gradients in between: no global-norm clipping (it needs every gradient first),
-    no gradient accumulation, no DistributedDataParallel, no fp16 loss scaling. Returns a function
-    that removes the hooks.
+    no gradient accumulation, no DistributedDataParallel, no fp16 loss scaling. observe(grad) sees each
+    gradient before its update (e.g. to sum the squared norm). Returns a function that removes the hooks.
     """
 
     def apply(param: torch.Tensor) -> None:
+        if observe is not None:
+            observe(param.grad)
         # every other parameter has no gradient at this point (not computed yet, or applied and freed),
         # so step() updates this one alone, with its own state, group and learning rate
         optimizer.step()

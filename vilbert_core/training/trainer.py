@@ -81,7 +81,7 @@ from .model_setup import (  # noqa: F401
     resolve_config,
     training_feature_stats,
 )
-from .optim import build_optimizer, warmup_linear_schedule
+from .optim import build_optimizer, step_in_backward, warmup_linear_schedule
 from .tasks import MaskingSpec, TaskLossModule, validation_scores
 
 
@@ -261,6 +261,13 @@ class Trainer:
         self.scheduler = warmup_linear_schedule(self.optimizer, self.warmup_steps, self.total_steps)
         self.precision = resolve_precision(args, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # nothing happens to the gradients between backward and the update: apply each one as backward
+        # produces it, so that all of them never exist at once (BENCHMARKS.md: the memory of a step)
+        self.in_backward = (args.update_in_backward and args.clip_grad == 0 and args.grad_accum == 1
+                            and not ctx.distributed and not self.scaler.is_enabled())  # fmt: skip
+        self._grad_sq: list[torch.Tensor] = []
+        if self.in_backward:
+            step_in_backward(self.optimizer, lambda g: self._grad_sq.append(g.detach().float().pow(2).sum()))
         self.mask_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
         pretraining = self.spec.model_kind == "pretraining"
         masking = masking_spec(self.tokenizer, self.mask_gen) if pretraining else None
@@ -413,6 +420,7 @@ class Trainer:
             "last": self.last,
             "best": self.best,
             "precision": self.precision,
+            "update_in_backward": self.in_backward,
             "world_size": ctx.world_size,
             "rank": ctx.rank,
         }
@@ -426,6 +434,8 @@ class Trainer:
         args, ctx = self.args, self.ctx
         task = self.last_task = self.current_task()
         stream = self.stream_for(task)
+        if self.in_backward:
+            return self._step_in_backward(task, stream)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(args.grad_accum):
             batch = batch_to_device(stream.next(), ctx.device)
@@ -441,8 +451,39 @@ class Trainer:
             self.samples_since += batch_size_of(batch) * ctx.world_size
             self.samples_seen += batch_size_of(batch) * ctx.world_size
 
+        self._record_losses(sums)
+        self.scaler.unscale_(self.optimizer)
+        # --clip-grad 0: the norm is still logged; an infinite threshold scales every gradient by exactly 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad or math.inf)
+        scale = self.lr_scale(task)  # a multi-task step runs at its task's lr; the schedule stays shared
+        self._scale_lr(scale)
+        self.scaler.step(self.optimizer)
+        self._scale_lr(scale, undo=True)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_step(scale), grad_norm
+
+    def _step_in_backward(self, task: str, stream: BatchStream) -> tuple[float, torch.Tensor]:
+        """step() when backward applies the updates (one process, one micro-batch, no clipping or scaling)."""
+        batch = batch_to_device(stream.next(), self.ctx.device)
+        with autocast(self.precision, self.ctx.device.type):
+            losses = self.forward(batch, task)
+        self.samples_since += batch_size_of(batch)
+        self.samples_seen += batch_size_of(batch)
+        # checked before backward, which updates the weights: a NaN loss leaves them as they were
+        self._record_losses({k: v.detach().float() for k, v in losses.items()})
+        scale = self.lr_scale(task)
+        self._scale_lr(scale)
+        self._grad_sq.clear()
+        losses["loss"].backward()
+        self._scale_lr(scale, undo=True)
+        grad_norm = torch.stack(self._grad_sq).sum().sqrt() if self._grad_sq else torch.zeros(())
+        return self._finish_step(scale), grad_norm
+
+    def _record_losses(self, sums: dict[str, torch.Tensor]) -> None:
+        """The step's losses (mean over ranks) into self.last; stop on a non-finite loss."""
         keys = sorted(sums)
-        mean = all_reduce_mean(ctx, torch.stack([sums[k] for k in keys]))
+        mean = all_reduce_mean(self.ctx, torch.stack([sums[k] for k in keys]))
         self.last = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
         if "align" in self.last:
             self.align_window.append(self.last["align"])
@@ -451,21 +492,20 @@ class Trainer:
                 f"the loss became {self.last['loss']} at step {self.step_count + 1}; training stopped. The last good "
                 f"checkpoint is {self.last_good()} (continue from it with --resume, e.g. with a lower --lr)"
             )
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-        scale = self.lr_scale(task)  # a multi-task step runs at its task's lr; the schedule stays shared
-        for group in self.optimizer.param_groups:
-            group["lr"] *= scale
-        self.scaler.step(self.optimizer)
-        for group in self.optimizer.param_groups:
-            group["lr"] /= scale
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def _scale_lr(self, scale: float, undo: bool = False) -> None:
+        """Multiply every group's learning rate by a multi-task step's task scale (undo: divide it back)."""
+        if scale != 1:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] / scale if undo else group["lr"] * scale
+
+    def _finish_step(self, scale: float) -> float:
+        """Advance the schedule and the step count; the base learning rate of --lr the step used."""
         # the base rate of --lr: BERT-initialised groups run at bert_lr_mult times it, above or below
         lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_mult"] * scale
         self.scheduler.step()
         self.step_count += 1
-        return lr, grad_norm
+        return lr
 
     def log(self, lr: float, grad_norm: torch.Tensor) -> None:
         """A metrics.jsonl line every --log-every steps (and at the last), and the progress bar (main process)."""
