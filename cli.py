@@ -33,6 +33,7 @@ app = typer.Typer(
 # one definition of the option every long-running command takes, so that name and help stay the same
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show the progress bar.")
 EXIT_BAD_INPUT = 2  # shard, train, eval: a bad argument or input, said in one line
+EXIT_JOB_FAILED = 1  # the inputs were fine but the job could not finish: a full disk, a diverged run
 
 
 def _task_names(package: str) -> str:
@@ -52,9 +53,17 @@ def _literal(text: str) -> str:
 
 
 def _fail(err: BaseException) -> NoReturn:
-    """Stop with one line `error: ...` (a library message may wrap lines) and the bad-input exit status."""
+    """Stop with one line `error: ...` (a library message may wrap lines) and its exit status.
+
+    2 for a bad argument or input; 1 when the job could not finish (a full disk, a loss that became
+    NaN), as `extract` does.
+    """
+    from pipelines.fileio import DiskFullError
+    from vilbert_core.training.args import TrainingDiverged
+
     typer.echo("error: " + " ".join(str(err).split()), err=True)
-    raise typer.Exit(EXIT_BAD_INPUT) from err
+    failed = isinstance(err, DiskFullError | TrainingDiverged)
+    raise typer.Exit(EXIT_JOB_FAILED if failed else EXIT_BAD_INPUT) from err
 
 
 def _version_callback(value: bool) -> None:
@@ -406,6 +415,7 @@ def shard_cmd(
 
     Example: vilbert-data shard --features feats/ --task vqa --annotations v2_OpenEnded_mscoco_train2014_questions.json v2_mscoco_train2014_annotations.json --split train --out vqa_train/
     """
+    from pipelines.fileio import DiskFullError
     from pipelines.shard_job import run_shard
 
     files = list(annotations) + [a for a in ctx.args]
@@ -417,7 +427,7 @@ def shard_cmd(
             features, task, files, split, out, shard_size=shard_size, answers=answers,
             min_answer_count=min_answer_count, images=images, weights=weights, device=device, progress=progress,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:  # AnnotationError, ShardError: bad inputs, said in one line
+    except (ValueError, FileNotFoundError, DiskFullError) as exc:  # AnnotationError, ShardError: bad inputs
         _fail(exc)
     c = info["counts"]
     typer.echo(
@@ -563,6 +573,7 @@ def train_cmd(
 
     Example: vilbert-data train --task vqa --data vqa_train/ --val vqa_val/ --vocab vocab/ --config tiny --batch-size 32 --lr 1e-4 --epochs 5 --out runs/vqa
     """
+    from pipelines.fileio import DiskFullError
     from vilbert_core.training import TrainArgs, TrainingError, run_train
 
     multi = "," in task
@@ -589,7 +600,7 @@ def train_cmd(
     )  # fmt: skip
     try:
         summary = run_train(args)
-    except (TrainingError, FileNotFoundError, ValueError) as exc:  # bad inputs: a message, not a traceback
+    except (TrainingError, FileNotFoundError, ValueError, DiskFullError) as exc:  # a message, not a traceback
         _fail(exc)
     if summary["rank"] != 0:  # under torchrun only the first process reports
         return

@@ -36,13 +36,14 @@ def is_disk_full(err: BaseException) -> bool:
     return any(int(code) in DISK_FULL_ERRNOS for code in _RUST_OS_ERROR.findall(str(err)))
 
 
-def disk_full_error(folder: str | Path, what: str) -> DiskFullError:
-    """A one-line DiskFullError for `folder` saying what was being written and how much space is free."""
+def disk_full_error(folder: str | Path, what: str, advice: str = "") -> DiskFullError:
+    """A one-line DiskFullError for `folder` saying what was being written, how much space is free, and advice."""
     try:
         free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(f"no space left on the device of {folder} ({free}) while writing {what}")
+    return DiskFullError(f"no space left on the device of {folder} ({free}) while writing {what}"
+                         + (f"; {advice}" if advice else ""))  # fmt: skip
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:

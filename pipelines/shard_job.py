@@ -151,7 +151,8 @@ def run_shard(
     except OSError as err:
         if is_disk_full(err):
             remove_stale_temps(out)  # the shard being written: its space back now, not at the rerun
-            raise ShardError(f"{disk_full_error(out, 'the task shards')}; free space and rerun the same command") from None
+            # not a bad input: the job could not finish (exit status 1, as extract)
+            raise disk_full_error(out, "the task shards", "free space and rerun the same command") from None
         raise ShardError(f"{err.filename or out}: {err.strerror or err}") from None
 
 

@@ -167,12 +167,14 @@ CASES: list[tuple[str, Callable[[dict], list[str]], Callable[[dict], list[str]],
 
 
 @pytest.mark.parametrize(("case", "argv", "words", "breakage"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_ends_with_one_line_and_exit_2(inputs, monkeypatch, case, argv, words, breakage) -> None:
+def test_bad_input_ends_with_one_line_and_its_exit_status(inputs, monkeypatch, case, argv, words, breakage) -> None:
     if breakage is not None:
         breakage(monkeypatch)
     res = CliRunner().invoke(app, argv(inputs))
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.exit_code == 2, (case, res.exit_code, res.output, res.exception)
+    # a full disk is no bad input: the job could not finish, exit status 1 as in extract
+    want = 1 if "disk full" in case else 2
+    assert res.exit_code == want, (case, res.exit_code, res.output, res.exception)
     assert isinstance(res.exception, SystemExit), res.exception  # typer.Exit, not an escaped error
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for word in words(inputs):
@@ -185,7 +187,7 @@ def test_disk_full_leaves_no_half_written_checkpoint(inputs, monkeypatch) -> Non
     _disk_full_in_torch_save(monkeypatch)
     out = inputs["root"] / "t_full3"
     res = CliRunner().invoke(app, _train(inputs, **{"--out": str(out)}))
-    assert res.exit_code == 2
+    assert res.exit_code == 1
     assert not [p.name for p in (out / "checkpoints").iterdir()]  # no step-1, no .step-1.tmp-PID
 
 
@@ -235,3 +237,17 @@ def test_every_option_help_is_shown_as_written() -> None:
 def test_inspect_names_its_feature_folder_argument() -> None:
     text = _help(["inspect"])
     assert "FEATURES" in text and "{out}" not in text
+
+
+def test_exit_status_says_bad_input_or_job_not_finished() -> None:
+    import typer
+
+    from cli import _fail
+    from pipelines.fileio import DiskFullError
+    from vilbert_core.training.args import TrainingDiverged, TrainingError
+
+    for err, status in ((ValueError("--out x: exists"), 2), (TrainingError("--lr must be above 0"), 2),
+                        (DiskFullError("no space left"), 1), (TrainingDiverged("the loss became nan"), 1)):  # fmt: skip
+        with pytest.raises(typer.Exit) as exit_:
+            _fail(err)
+        assert exit_.value.exit_code == status, err

@@ -163,10 +163,8 @@ def run_train(
         if not is_disk_full(err):
             raise
         ckpt = latest_checkpoint(Path(args.out) / "checkpoints")
-        raise TrainingError(
-            f"{disk_full_error(args.out, 'the run folder')}; free space and continue with --resume"
-            + (f" (from {ckpt})" if ckpt else "")
-        ) from None
+        advice = "free space and continue with --resume" + (f" (from {ckpt})" if ckpt else "")
+        raise disk_full_error(args.out, "the run folder", advice) from None
     finally:
         teardown_distributed(ctx)
 
