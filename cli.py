@@ -342,6 +342,11 @@ def export_cmd(
     fmt: str = typer.Option(..., "--format", help="vilbert-lmdb (a folder) or butd-tsv (a file)."),
     out: str = typer.Option(..., "--out", help="The LMDB folder or TSV file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export at OUT."),
+    any_feature_dim: bool = typer.Option(
+        False, "--any-feature-dim",
+        help="vilbert-lmdb: write features of another size than 2048 (vilbert-multi-task's reader assumes "
+        "2048; for readers that take the size from the data).",
+    ),
     progress: bool = _PROGRESS,
 ) -> None:
     """Write a feature set in a layout other trainers read (float32; cls_prob when the set has it).
@@ -351,7 +356,7 @@ def export_cmd(
     from pipelines.export_job import run_export
 
     try:
-        summary = run_export(features, fmt, out, overwrite=overwrite, progress=progress)
+        summary = run_export(features, fmt, out, overwrite=overwrite, progress=progress, any_feature_dim=any_feature_dim)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -24,14 +24,30 @@ from pipelines.formats.writers import FeatureWriter, writer_class
 
 
 def run_export(
-    features: str | Path, fmt: str, out: str | Path, overwrite: bool = False, progress: bool = True
+    features: str | Path,
+    fmt: str,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    any_feature_dim: bool = False,
 ) -> dict:
-    """Write the feature set `features` to `out` in layout `fmt`; returns a summary dict."""
+    """Write the feature set `features` to `out` in layout `fmt`; returns a summary dict.
+
+    A layout whose usual reader assumes a feature size (vilbert-lmdb: 2048) refuses a set of another
+    size, which that reader could not load, unless `any_feature_dim`.
+    """
     from pipelines.progress import progress_bar
 
     writer_cls = writer_class(fmt)
     fs = FeatureSet.open(features)
     info = fs.info
+    dim, wanted = info.get("feature_dim"), writer_cls.reader_feature_dim
+    if wanted is not None and dim != wanted and not any_feature_dim:
+        raise ValueError(
+            f"{features}: its features are {dim}-d, but {writer_cls.reader} reads every {fmt} record as "
+            f"{wanted}-d and would fail on these; extract with --feature-layer res5 for that trainer, or pass "
+            "--any-feature-dim for a reader that takes the size from the data"
+        )
     out = Path(out)
     _check_out(out, fmt, writer_cls, overwrite)
     with_cls = bool(info.get("class_distributions", True))

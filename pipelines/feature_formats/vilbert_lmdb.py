@@ -152,6 +152,9 @@ class VilbertLmdbWriter(FeatureWriter):
 
     folder = True
     kind = "an LMDB environment"
+    # vilbert-multi-task's ImageFeaturesH5Reader reshapes every record's features to (num_boxes, 2048)
+    reader_feature_dim = 2048
+    reader = "vilbert-multi-task's ImageFeaturesH5Reader"
 
     def __init__(self, path: Path, with_cls_prob: bool, commit_every: int = 256) -> None:
         import lmdb

@@ -36,6 +36,9 @@ class FeatureWriter(ABC):
 
     folder: ClassVar[bool] = False  # the output is a folder (else one file)
     kind: ClassVar[str] = "a file"  # what an output of this layout is, for messages
+    # the feature size the layout's usual reader assumes (None: it takes the size from the data), and that reader
+    reader_feature_dim: ClassVar[int | None] = None
+    reader: ClassVar[str] = ""
 
     def __init__(self, path: Path, with_cls_prob: bool) -> None:
         self.path, self.with_cls_prob = path, with_cls_prob
