@@ -41,15 +41,15 @@ def run_export(
     writer_cls = writer_class(fmt)
     fs = FeatureSet.open(features)
     info = fs.info
+    out = Path(out)
+    _check_out(out, fmt, writer_cls, overwrite)
     dim, wanted = info.get("feature_dim"), writer_cls.reader_feature_dim
-    if wanted is not None and dim != wanted and not any_feature_dim:
+    if None not in (dim, wanted) and dim != wanted and not any_feature_dim:
         raise ValueError(
             f"{features}: its features are {dim}-d, but {writer_cls.reader} reads every {fmt} record as "
             f"{wanted}-d and would fail on these; extract with --feature-layer res5 for that trainer, or pass "
             "--any-feature-dim for a reader that takes the size from the data"
         )
-    out = Path(out)
-    _check_out(out, fmt, writer_cls, overwrite)
     with_cls = bool(info.get("class_distributions", True))
     tmp = temp_path(out)
     t0 = time.perf_counter()
