@@ -147,11 +147,12 @@ def test_activation_checkpointing_trains_exactly_the_same_model(tmp_path, data):
     assert json.loads((tmp_path / "ckpt_True" / "train_args.json").read_text())["activation_checkpointing"] is True
 
 
-@pytest.mark.parametrize("task", ["pretrain", "vqa"])
-def test_updates_inside_backward_train_exactly_the_same_model(tmp_path, data, task):
+@pytest.mark.parametrize(("task", "checkpointing"), [("pretrain", False), ("vqa", False), ("pretrain", True)])
+def test_updates_inside_backward_train_exactly_the_same_model(tmp_path, data, task, checkpointing):
     """--clip-grad 0 applies each update during backward: the losses, norms and weights of a step after it."""
     runs = {}
-    kw = {"task": task, "data": str(data[task if task == "vqa" else "captions"])}
+    kw = {"task": task, "data": str(data[task if task == "vqa" else "captions"]),
+          "activation_checkpointing": checkpointing}  # fmt: skip
     for inside in (True, False):
         out = tmp_path / f"inside_{inside}"
         summary = run_train(_args(data, out, steps=4, checkpoint_every=10, clip_grad=0, update_in_backward=inside, **kw))
