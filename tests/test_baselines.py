@@ -155,3 +155,30 @@ def test_task_dataset_swaps_images_of_vqa_shards(tmp_path: Path) -> None:
         TaskDataset(root, "captions", vocab, swap_images=True)
     # the records reader for the blind baselines sees the same questions without reading features
     assert sorted(r["question_id"] for r in iter_task_records(root)) == sorted(e["question_id"] for e in plain)
+
+
+def test_shuffle_drop_compares_on_the_examples_the_shuffled_pass_scored() -> None:
+    from vilbert_core.evaluation.common import shuffle_drop_on_scored
+
+    def score(probs: dict, labels: dict, keep: set | None = None) -> dict | None:
+        ids = [k for k in sorted(probs) if keep is None or k in keep]
+        if not ids:
+            return None
+        right = sum(max(range(2), key=probs[k].__getitem__) == labels[k] for k in ids)
+        return {"accuracy": 100.0 * right / len(ids), "num_scored": len(ids)}
+
+    own = ({"a": [0.9, 0.1], "b": [0.2, 0.8], "c": [0.3, 0.7]}, {"a": 0, "b": 1, "c": 0})  # right: a, b
+    scores = score(*own)  # 66.67 over 3
+    # "c" stood alone: the shuffled pass scored a and b only (both wrong); own score on them: 100
+    metrics: dict = {}
+    shuffled = ({"a": [0.1, 0.9], "b": [0.7, 0.3]}, {"a": 0, "b": 1})
+    shuffle_drop_on_scored(metrics, "accuracy", score, own, scores, shuffled)
+    assert metrics["shuffled_images"]["drop"] == 100.0 and metrics["shuffled_images"]["num_scored"] == 2
+    # every example scored again: the model's score over all of them
+    metrics = {}
+    shuffled = ({"a": [0.1, 0.9], "b": [0.2, 0.8], "c": [0.3, 0.7]}, own[1])  # right: b only
+    shuffle_drop_on_scored(metrics, "accuracy", score, own, scores, shuffled)
+    assert metrics["shuffled_images"]["drop"] == pytest.approx(round(200 / 3 - 100 / 3, 2))
+    # nothing scored again: no check, no warning
+    metrics = {}
+    assert shuffle_drop_on_scored(metrics, "accuracy", score, own, scores, ({}, {})) == [] and not metrics

@@ -4,7 +4,7 @@ drop, and the Markdown pieces of the report. The tasks' own parts are in `vilber
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,27 @@ def shuffle_drop(metrics: dict, shuffled: dict | None, key: str, same: float) ->
         return [f"giving every example another image's regions costs only {drop:.2f} points of {key} "
                 f"({same:.2f} -> {shuffled[key]:.2f}): the model barely uses the image"]  # fmt: skip
     return []
+
+
+def shuffle_drop_on_scored(
+    metrics: dict,
+    key: str,
+    score: Callable[..., dict | None],
+    own: tuple[dict, dict],
+    scores: dict,
+    shuffled: tuple[dict, dict],
+) -> list[str]:
+    """shuffle_drop for a task scored by `score(probs, labels, keep=None)` from per-example (probs, labels).
+
+    own / shuffled: the (probs, labels) of the model's pass and of the shuffled-image pass; scores:
+    score(*own). A lone image has no other image to take regions from, so the shuffled pass may score
+    fewer examples: the model's own score is then taken over the examples it scored.
+    """
+    s_scores = score(*shuffled) or None  # nothing scored: no check
+    same = scores
+    if s_scores is not None and s_scores["num_scored"] != scores["num_scored"]:
+        same = score(*own, set(shuffled[0]))
+    return shuffle_drop(metrics, s_scores, key, same[key])
 
 
 def fmt(v: Any) -> str:

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vilbert_core.evaluation.common import comparison_lines, record_count, shuffle_drop, task_batches
+from vilbert_core.evaluation.common import (
+    comparison_lines,
+    record_count,
+    shuffle_drop_on_scored,
+    task_batches,
+)
 from vilbert_core.evaluation.loading import EvalError
 from vilbert_core.tasks import EvalOptions, Task, model_inputs
 
@@ -97,12 +102,8 @@ class LabelTask(Task):
         metrics["baselines"] = {"chance": {"accuracy": 100.0 / len(self.classes)}}
         warnings: list[str] = []
         if options.vision_check:
-            s_probs, s_labels = self._pass(loaded, data_dir, info, options, swap_images=True)
-            shuffled = self._scores(s_probs, s_labels) or None
-            same = scores
-            if shuffled is not None and shuffled["num_scored"] != scores["num_scored"]:  # a lone image has no other
-                same = self._scores(probs, labels, set(s_probs))
-            warnings = shuffle_drop(metrics, shuffled, "accuracy", same["accuracy"])
+            shuffled = self._pass(loaded, data_dir, info, options, swap_images=True)
+            warnings = shuffle_drop_on_scored(metrics, "accuracy", self._scores, (probs, labels), scores, shuffled)
         metrics["warnings"] = warnings
         return metrics, predictions
 

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vilbert_core.evaluation.baselines import vcr_chance
-from vilbert_core.evaluation.common import file_safe, shuffle_drop, task_batches
+from vilbert_core.evaluation.common import file_safe, shuffle_drop_on_scored, task_batches
 from vilbert_core.evaluation.loading import EvalError
 from vilbert_core.evaluation.metrics import vcr_accuracy
 from vilbert_core.tasks import IMAGE_KEYS, TEXT_KEYS, EvalOptions, Task, TaskDefaults, candidate_logits
@@ -109,11 +109,8 @@ class VCRTask(Task):
         metrics["baselines"] = {"chance": vcr_chance()}
         warnings: list[str] = []
         if options.vision_check:
-            s_probs, s_labels = self._pass(loaded, data_dir, options, swap_images=True)
-            shuffled = vcr_scores(s_probs, s_labels)
-            same = scores if shuffled is None or shuffled["num_scored"] == scores["num_scored"] else vcr_scores(
-                probs, labels, set(s_probs))  # fmt: skip
-            warnings = shuffle_drop(metrics, shuffled, "q_a", same["q_a"])
+            shuffled = self._pass(loaded, data_dir, options, swap_images=True)
+            warnings = shuffle_drop_on_scored(metrics, "q_a", vcr_scores, (probs, labels), scores, shuffled)
         metrics["warnings"] = warnings
         return metrics, predictions
 
@@ -166,11 +163,7 @@ class VCRStageTask(VCRTask):
                         "baselines": {"chance": {"accuracy": vcr_chance()[self.stage]}}})  # fmt: skip
         warnings: list[str] = []
         if options.vision_check:
-            s_probs, s_labels = scored(True)
-            shuffled = accuracy(s_probs, s_labels)
-            same = scores if shuffled is None or shuffled["num_scored"] == scores["num_scored"] else accuracy(
-                probs, labels, set(s_probs))  # fmt: skip
-            warnings = shuffle_drop(metrics, shuffled, "accuracy", same["accuracy"])
+            warnings = shuffle_drop_on_scored(metrics, "accuracy", accuracy, (probs, labels), scores, scored(True))
         metrics["warnings"] = warnings
         return metrics, predictions
 
