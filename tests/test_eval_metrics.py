@@ -304,3 +304,14 @@ def test_pretraining_metrics_hand_computed() -> None:
     empty = masked_token_stats(logits, torch.full((1, 3), -100))
     assert empty["count"] == 0
     assert "perplexity" not in pretrain_summary(empty, {"kl": 0.0, "count": 0}, al)
+
+
+def test_candidate_ranks_with_other_text_scores_draw_the_same_candidates() -> None:
+    g = torch.Generator().manual_seed(7)
+    image_scores, text_scores = torch.randn(6, 15, generator=g), torch.randn(6, 15, generator=g)
+    own = torch.arange(15) // 3
+    img, txt = sample_candidates_ranks(image_scores, own, num_candidates=4, seed=2, text_scores=text_scores)
+    # the same as two runs of one matrix each: the seed alone fixes the candidate sets
+    assert torch.equal(img, sample_candidates_ranks(image_scores, own, num_candidates=4, seed=2)[0])
+    assert torch.equal(txt, sample_candidates_ranks(text_scores, own, num_candidates=4, seed=2)[1])
+    assert not torch.equal(txt, sample_candidates_ranks(image_scores, own, num_candidates=4, seed=2)[1])

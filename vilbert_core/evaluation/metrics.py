@@ -252,9 +252,11 @@ def recall_at_k(ranks: object, ks: Sequence[int] = RECALL_KS) -> dict[str, float
 
 
 def sample_candidates_ranks(
-    scores: object, caption_image: object, num_candidates: int = 100, seed: int = 0
+    scores: object, caption_image: object, num_candidates: int = 100, seed: int = 0, text_scores: object | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks under the 100-candidate protocol -> (image ranks (N_cap,), text ranks (N_img,)).
+
+    text_scores: what text retrieval ranks by, when it differs from `scores` (see retrieval_ranks).
 
     Image retrieval: each caption is ranked against its own image plus `num_candidates - 1` other images
     drawn uniformly without replacement. Text retrieval: each image is ranked against all its captions
@@ -264,6 +266,7 @@ def sample_candidates_ranks(
     sets are reproducible. When a pool is smaller than the candidate count every item is used.
     """
     s = _scores(scores)
+    t = s if text_scores is None else _scores(text_scores)
     own = _as_tensor(caption_image).long()
     n_img, n_cap = s.shape
     gen = torch.Generator().manual_seed(seed)
@@ -292,8 +295,8 @@ def sample_candidates_ranks(
         first = keys.topk(k_max, dim=1, largest=False, sorted=True).indices  # (Q, k_max) smallest keys first
         chosen = torch.zeros(img.numel(), n_cap, dtype=torch.bool)
         chosen.scatter_(1, first, torch.arange(k_max)[None, :] < n_negs[:, None])  # each query its own count
-        best_score, best_idx = _best_own(s[img], is_own)
-        ranks = _ranks_in_rows(s[img], best_score, best_idx, chosen)
+        best_score, best_idx = _best_own(t[img], is_own)
+        ranks = _ranks_in_rows(t[img], best_score, best_idx, chosen)
         text_ranks.append(torch.where(n_pos > 0, ranks, torch.full_like(ranks, n_cap)))
     empty = torch.zeros(0, dtype=torch.long)
     return (torch.cat(image_ranks) if image_ranks else empty, torch.cat(text_ranks) if text_ranks else empty)
@@ -311,14 +314,10 @@ def retrieval_ranks(
     text_scores: the (N_img, N_cap) scores text retrieval ranks by, when they differ from image
     retrieval's `scores` (a re-ranked second stage rescores each direction's own top k).
     """
-    img_c, txt_c = sample_candidates_ranks(scores, caption_image, num_candidates, seed)
-    if text_scores is None:
-        text_scores = scores
-    else:  # the same seed draws the same candidate sets
-        txt_c = sample_candidates_ranks(text_scores, caption_image, num_candidates, seed)[1]
+    img_c, txt_c = sample_candidates_ranks(scores, caption_image, num_candidates, seed, text_scores)
     return {
         "image_retrieval": image_retrieval_ranks(scores, caption_image),
-        "text_retrieval": text_retrieval_ranks(text_scores, caption_image),
+        "text_retrieval": text_retrieval_ranks(scores if text_scores is None else text_scores, caption_image),
         f"image_retrieval_{num_candidates}cand": img_c,
         f"text_retrieval_{num_candidates}cand": txt_c,
     }
