@@ -436,18 +436,12 @@ class Trainer:
             return self._step_in_backward(task, stream)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(args.grad_accum):
-            batch = batch_to_device(stream.next(), ctx.device)
             sync = micro == args.grad_accum - 1 or not ctx.distributed
-            with (
-                contextlib.nullcontext() if sync else self.train_model.no_sync(),
-                autocast(self.precision, ctx.device.type),
-            ):
-                losses = self.forward(batch, task)
-            self.scaler.scale(losses["loss"] / args.grad_accum).backward()
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                losses = self._micro_batch(task, stream)
+                self.scaler.scale(losses["loss"] / args.grad_accum).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
-            self.samples_since += batch_size_of(batch) * ctx.world_size
-            self.samples_seen += batch_size_of(batch) * ctx.world_size
 
         self._record_losses(sums)
         self.scaler.unscale_(self.optimizer)
@@ -463,11 +457,7 @@ class Trainer:
 
     def _step_in_backward(self, task: str, stream: BatchStream) -> tuple[float, torch.Tensor]:
         """step() when backward applies the updates (one process, one micro-batch, no clipping or scaling)."""
-        batch = batch_to_device(stream.next(), self.ctx.device)
-        with autocast(self.precision, self.ctx.device.type):
-            losses = self.forward(batch, task)
-        self.samples_since += batch_size_of(batch)
-        self.samples_seen += batch_size_of(batch)
+        losses = self._micro_batch(task, stream)
         # checked before backward, which updates the weights: a NaN loss leaves them as they were
         self._record_losses({k: v.detach().float() for k, v in losses.items()})
         scale = self.lr_scale(task)
@@ -477,6 +467,15 @@ class Trainer:
         self._scale_lr(scale, undo=True)
         grad_norm = torch.stack(self._grad_sq).sum().sqrt() if self._grad_sq else torch.zeros(())
         return self._finish_step(scale), grad_norm
+
+    def _micro_batch(self, task: str, stream: BatchStream) -> dict[str, torch.Tensor]:
+        """The next batch of `stream`, its forward pass under the run's precision, the sample counts; its losses."""
+        batch = batch_to_device(stream.next(), self.ctx.device)
+        with autocast(self.precision, self.ctx.device.type):
+            losses = self.forward(batch, task)
+        self.samples_since += batch_size_of(batch) * self.ctx.world_size
+        self.samples_seen += batch_size_of(batch) * self.ctx.world_size
+        return losses
 
     def _record_losses(self, sums: dict[str, torch.Tensor]) -> None:
         """The step's losses (mean over ranks) into self.last; stop on a non-finite loss."""
