@@ -34,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vilbert_core import ViLBERTConfig, ViLBERTForTasks  # noqa: E402
 from vilbert_core.evaluation.loading import LoadedModel, load_model  # noqa: E402
-from vilbert_core.evaluation.metrics import RECALL_KS, recall_at_k, retrieval_ranks  # noqa: E402
+from vilbert_core.evaluation.metrics import (  # noqa: E402
+    RECALL_KS,
+    image_retrieval_ranks,
+    recall_at_k,
+    text_retrieval_ranks,
+)
 from vilbert_core.tasks.retrieval import read_retrieval_set, rerank_top_k, score_all_pairs  # noqa: E402
 
 
@@ -57,9 +62,8 @@ def synthetic_set(preset: str, n_img: int, per_image: int) -> tuple[LoadedModel,
 
 def recalls(scores: torch.Tensor, own: torch.Tensor, text_scores: torch.Tensor | None = None) -> dict[str, Any]:
     """R@K of both full-set directions, and each query's first item (images per caption, captions per image)."""
-    ranks = retrieval_ranks(scores, own, num_candidates=100, text_scores=text_scores)
     ts = scores if text_scores is None else text_scores
-    return {"image": recall_at_k(ranks["image_retrieval"]), "text": recall_at_k(ranks["text_retrieval"]),
+    return {"image": recall_at_k(image_retrieval_ranks(scores, own)), "text": recall_at_k(text_retrieval_ranks(ts, own)),
             "first": torch.cat([scores.argmax(0), ts.argmax(1)])}  # fmt: skip
 
 
